@@ -1,17 +1,17 @@
 """The error tree of the contract, grouped by whose fault the error is.
 
-    EdgefleetError
-    ├── WireError                   network input; callers count it and drop the message
-    │   ├── TopicError              a topic outside the tree, or an unsafe device id
-    │   ├── MessageTooLarge         refused before parsing
-    │   ├── MessageDecodeError      not JSON, or does not fit the schema
-    │   └── UnsupportedSchemaVersion  a major version this code does not know
-    ├── ManifestError               an operator's file: names file, line, field, expectation
-    └── TrustError                  signatures and keys
-        ├── MissingSignature
-        ├── UnknownKey
-        ├── BadSignature
-        └── KeyFormatError
+EdgefleetError
+├── WireError                   network input; callers count it and drop the message
+│   ├── TopicError              a topic outside the tree, or an unsafe device id
+│   ├── MessageTooLarge         refused before parsing
+│   ├── MessageDecodeError      not JSON, or does not fit the schema
+│   └── UnsupportedSchemaVersion  a major version this code does not know
+├── ManifestError               an operator's file: names file, line, field, expectation
+└── TrustError                  signatures and keys
+    ├── MissingSignature
+    ├── UnknownKey
+    ├── BadSignature
+    └── KeyFormatError
 """
 
 from __future__ import annotations

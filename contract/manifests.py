@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from contract.base import ManifestModel
 from contract.profile import Precision, ProfileName
+from contract.validation import refuse_duplicates
 
 MODELSET_SCHEMA = "edgefleet.modelset/1"
 POLICY_SCHEMA = "edgefleet.policy/1"
 
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-Version = Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 
 
 class Artifact(ManifestModel):
@@ -29,6 +34,8 @@ class Artifact(ManifestModel):
 
 
 class Requirements(ManifestModel):
+    """What a device needs to run a variant."""
+
     architectures: list[str] = Field(default_factory=list, description="Empty: any.")
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -37,8 +44,16 @@ class Requirements(ManifestModel):
     )
     memory_mb: PositiveInt
 
+    @field_validator("providers")
+    @classmethod
+    def _unique_providers(cls, providers: list[str]) -> list[str]:
+        refuse_duplicates(providers, "provider")
+        return providers
+
 
 class Variant(ManifestModel):
+    """One build of a model (a precision, an artifact) and what it needs to run."""
+
     name: Name
     precision: Precision
     artifact: Artifact
@@ -60,6 +75,8 @@ class Golden(ManifestModel):
 
 
 class ModelSpec(ManifestModel):
+    """A model in a set: its variants, unique by name, and how important it is."""
+
     name: Name
     version: Version
     priority: int = Field(description="Higher is more important; kept first under pressure.")
@@ -67,12 +84,26 @@ class ModelSpec(ManifestModel):
     golden: Golden | None = None
     variants: list[Variant] = Field(min_length=1)
 
+    @field_validator("variants")
+    @classmethod
+    def _unique_variant_names(cls, variants: list[Variant]) -> list[Variant]:
+        refuse_duplicates((v.name for v in variants), "variant name", suffix=("name",))
+        return variants
+
 
 class ModelSet(ManifestModel):
+    """A versioned set of models, unique by name, that a policy assigns to devices."""
+
     schema_: Literal["edgefleet.modelset/1"] = Field(alias="schema")
     name: Name
     version: Version
     models: list[ModelSpec] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        refuse_duplicates((m.name for m in models), "model name", suffix=("name",))
+        return models
 
 
 OverloadAction = Literal["reject", "queue"]

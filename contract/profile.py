@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from contract.base import ManifestModel, WireModel
+from contract.validation import refuse_duplicates
 
 PROFILE_SCHEMA = "edgefleet.profile/1"
 
@@ -66,14 +67,24 @@ class FirmwareProfile(ManifestModel):
     schema_: Literal["edgefleet.profile/1"] = Field(alias="schema")
     name: ProfileName
     description: str
-    fallback: bool = Field(
-        default=False, description="Chosen only when no other profile matches."
-    )
+    fallback: bool = Field(default=False, description="Chosen only when no other profile matches.")
     match: ProfileMatch
     budgets: Budgets
     providers: list[str] = Field(min_length=1, description="Execution providers, preferred first.")
     variant_preference: list[Precision] = Field(min_length=1)
     thermal: Thermal | None = None
+
+    @field_validator("providers")
+    @classmethod
+    def _unique_providers(cls, providers: list[str]) -> list[str]:
+        refuse_duplicates(providers, "provider")
+        return providers
+
+    @field_validator("variant_preference")
+    @classmethod
+    def _unique_precisions(cls, precisions: list[Precision]) -> list[Precision]:
+        refuse_duplicates(precisions, "precision")
+        return precisions
 
 
 class HardwareFacts(WireModel):

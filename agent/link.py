@@ -1,0 +1,371 @@
+"""The agent's MQTT link: connect, Will, birth, subscriptions, reconnect, outbox draining.
+
+One thread owns the paho client and drives its network loop. paho callbacks only record
+what happened (a flag, a queue entry); everything that may block runs in this thread
+between loop iterations or in the caller's threads, never inside a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+NOT_AUTHORIZED_CODES = frozenset({0x86, 0x87})
+
+
+@dataclass(frozen=True)
+class Publication:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    host: str
+    port: int
+    client_id: str
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    protocol: str = "5"
+
+    @classmethod
+    def from_url(cls, url: str, client_id: str, **kwargs: Any) -> BrokerSettings:
+        parts = urlsplit(url)
+        tls = parts.scheme == "mqtts"
+        port = parts.port or (8883 if tls else 1883)
+        return cls(
+            host=parts.hostname or "localhost", port=port, client_id=client_id, tls=tls, **kwargs
+        )
+
+
+class OutboxLike(Protocol):
+    """What the link needs of the store-and-forward outbox."""
+
+    def peek(self, limit: int) -> Sequence[Any]: ...
+
+    def ack(self, ids: Sequence[int]) -> None: ...
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rand: Callable[[], float]) -> float:
+    """Capped exponential backoff with jitter: a delay in [d/2, d], d = min(cap, base*2^n)."""
+    ceiling: float = min(cap, base * 2.0 ** min(attempt, 30))
+    return ceiling * (0.5 + 0.5 * rand())
+
+
+@dataclass
+class LinkCounters:
+    connects: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    not_authorized: int = 0
+    callback_errors: int = 0
+    published: int = 0
+
+
+@dataclass
+class _Inflight:
+    mids: dict[int, int] = field(default_factory=dict)
+    acked: set[int] = field(default_factory=set)
+
+
+class MqttLink:
+    """Keeps one MQTT connection up and moves messages both ways.
+
+    ``will`` builds the (topic, payload) of the Will for a session number;
+    ``on_connected`` returns what to publish first on every connect (status, birth, state);
+    ``on_message`` receives every message on the subscriptions (called in the link
+    thread: it must only enqueue).
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        subscriptions: Sequence[tuple[str, int]],
+        next_session: Callable[[], int],
+        will: Callable[[int], Publication],
+        on_connected: Callable[[int], Sequence[Publication]],
+        on_message: Callable[[Incoming], None],
+        outbox: OutboxLike | None = None,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 60.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self._subscriptions = list(subscriptions)
+        self._next_session = next_session
+        self._will = will
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self._outbox = outbox
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._rand = rand
+        self.counters = LinkCounters()
+        self.session = 0
+        self._stop = threading.Event()
+        self._final: list[Publication] = []
+        self._connected = threading.Event()
+        self._connack: ReasonCode | None = None
+        self._lost = False
+        self._rebirth = False
+        self._inflight = _Inflight()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._client = self._make_client()
+
+    # ---- public surface -------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edgefleet-mqtt", daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(self, publication: Publication) -> bool:
+        """Hand a message to the broker now; False when not connected (caller decides)."""
+        if not self.connected:
+            return False
+        info = self._client.publish(
+            publication.topic, publication.payload, publication.qos, publication.retain
+        )
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        self.counters.published += 1
+        return True
+
+    def request_rebirth(self) -> None:
+        self._rebirth = True
+
+    def stop(self, final: Sequence[Publication] = (), timeout: float = 5.0) -> None:
+        """Publish ``final`` (e.g. the offline status), disconnect cleanly and join."""
+        self._final = list(final)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ---- client set-up and callbacks -------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        if s.tls:
+            client.tls_set(
+                ca_certs=s.ca_file,
+                certfile=s.cert_file,
+                keyfile=s.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        return client
+
+    def _handle_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connack = reason_code
+
+    def _handle_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._lost = True
+        self._connected.clear()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        try:
+            props = getattr(message, "properties", None)
+            self._on_message(
+                Incoming(
+                    topic=message.topic,
+                    payload=bytes(message.payload),
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation_data=getattr(props, "CorrelationData", None),
+                )
+            )
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("message handler failed; message dropped")
+
+    def _handle_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            if mid in self._inflight.mids:
+                self._inflight.acked.add(mid)
+
+    # ---- the link thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            outcome = self._connect_once()
+            if outcome == "connected":
+                attempt = 0
+                self._serve()
+                continue
+            if outcome == "not_authorized":
+                attempt = max(attempt, 30)
+            delay = backoff_delay(
+                attempt, base=self._backoff_base, cap=self._backoff_cap, rand=self._rand
+            )
+            attempt += 1
+            log.info("mqtt: %s; retrying in %.1fs", outcome, delay)
+            self._stop.wait(delay)
+        self._connected.clear()
+
+    def _connect_once(self) -> str:
+        s = self.settings
+        self.session = self._next_session()
+        will = self._will(self.session)
+        self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+        self._connack = None
+        self._lost = False
+        try:
+            if s.protocol == "5":
+                self._client.connect(s.host, s.port, s.keepalive, clean_start=True)
+            else:
+                self._client.connect(s.host, s.port, s.keepalive)
+        except (OSError, ssl.SSLError) as exc:
+            self.counters.connect_failures += 1
+            return f"connect to {s.host}:{s.port} failed ({exc})"
+        deadline = time.monotonic() + max(5.0, float(s.keepalive))
+        while self._connack is None and not self._lost and time.monotonic() < deadline:
+            if self._client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        code = self._connack
+        if code is None or code.is_failure:
+            self.counters.connect_failures += 1
+            self._client.disconnect()
+            self._client.loop(0.1)
+            if code is not None and code.value in NOT_AUTHORIZED_CODES:
+                self.counters.not_authorized += 1
+                return "not_authorized"
+            return f"broker refused or closed the connection ({code})"
+        first = self.counters.connects == 0
+        self.counters.connects += 1
+        if not first:
+            self.counters.reconnects += 1
+        return "connected"
+
+    def _serve(self) -> None:
+        with self._lock:
+            self._inflight = _Inflight()
+        for topic, qos in self._subscriptions:
+            self._client.subscribe(topic, qos)
+        self._connected.set()
+        self._publish_greeting()
+        while not self._stop.is_set() and not self._lost:
+            rc = self._client.loop(0.2)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            if self._rebirth:
+                self._rebirth = False
+                self._publish_greeting()
+            self._drain_outbox()
+        self._connected.clear()
+        if self._stop.is_set():
+            self._say_goodbye()
+        else:
+            log.warning("mqtt: connection lost")
+
+    def _publish_greeting(self) -> None:
+        try:
+            greeting = self._on_connected(self.session)
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("building the birth messages failed")
+            return
+        for publication in greeting:
+            self._client.publish(
+                publication.topic, publication.payload, publication.qos, publication.retain
+            )
+
+    def _drain_outbox(self) -> None:
+        if self._outbox is None:
+            return
+        with self._lock:
+            acked = [self._inflight.mids.pop(mid) for mid in self._inflight.acked]
+            self._inflight.acked.clear()
+            pending = bool(self._inflight.mids)
+        if acked:
+            self._outbox.ack(acked)
+        if pending:
+            return
+        rows = self._outbox.peek(100)
+        for row in rows:
+            info = self._client.publish(row.topic, row.payload, row.qos, row.retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            with self._lock:
+                self._inflight.mids[info.mid] = row.id
+
+    def _say_goodbye(self) -> None:
+        infos = [self._client.publish(p.topic, p.payload, p.qos, p.retain) for p in self._final]
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not all(i.is_published() for i in infos):
+            if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        self._client.disconnect()
+        self._client.loop(0.1)
