@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.errors import (
     ArtifactError,
@@ -138,15 +139,16 @@ class ArtifactCache:
         Candidate URLs (see ``candidate_urls``) are tried in order, resuming the partial file;
         a URL that fails is skipped for the next. Raises ArtifactTooLarge (over ``max_bytes``),
         StorageFull (too little space, or ENOSPC: the partial is removed), StorageError (other
-        local I/O failures) or ArtifactUnavailable (every candidate failed; ``failures`` says
-        why). A size or hash mismatch removes the partial file.
+        local I/O failures), ArtifactUnavailable (every candidate failed; ``failures`` says
+        why), or SizeMismatch when an intact cached copy has another size than ``artifact``
+        claims. A size or hash mismatch of a download removes the partial file.
         """
         sha = artifact.sha256
         final = self._final_path(sha)
-        if self._usable(final, artifact.size):
+        if _size_of(final) == artifact.size:
             return final
         with self._lock(sha):
-            if self._usable(final, artifact.size):
+            if self._usable(final, artifact):
                 return final
             if artifact.size > self.max_bytes:
                 raise ArtifactTooLarge(f"artifact {sha}", artifact.size, self.max_bytes)
@@ -235,10 +237,7 @@ class ArtifactCache:
                 if size != artifact.size:
                     _remove(part)
                     raise SizeMismatch(source, artifact.size, size)
-                digest = hashlib.sha256()
-                while chunk := handle.read(_HASH_CHUNK):
-                    digest.update(chunk)
-                actual = digest.hexdigest()
+                actual = _sha256_of_handle(handle)
                 if actual != artifact.sha256:
                     _remove(part)
                     raise HashMismatch(source, artifact.sha256, actual)
@@ -289,17 +288,23 @@ class ArtifactCache:
     def _partial_path(self, sha256: str) -> Path:
         return self._partial / f"{_checked(sha256)}{PARTIAL_SUFFIX}"
 
-    def _usable(self, final: Path, size: int) -> bool:
-        """A verified file is trusted; one of the wrong size (a damaged disk) is dropped."""
-        try:
-            actual = final.stat().st_size
-        except FileNotFoundError:
+    def _usable(self, final: Path, artifact: Artifact) -> bool:
+        """Whether the verified file can be returned as it is.
+
+        A verified file of another size than the artifact's is hashed: if it is intact, the
+        artifact's size is wrong (SizeMismatch, the file is kept); if not, the disk damaged it
+        and it is removed for a fresh download.
+        """
+        actual = _size_of(final)
+        if actual is None:
             return False
-        except OSError as err:
-            raise _storage_error(final, err) from err
-        if actual == size:
+        if actual == artifact.size:
             return True
-        log.warning("%s has %d bytes, expected %d: removing it", final, actual, size)
+        if _sha256_of(final) == artifact.sha256:
+            raise SizeMismatch(f"artifact {artifact.sha256} (cached)", artifact.size, actual)
+        log.warning(
+            "%s is damaged (%d bytes, expected %d): removing it", final, actual, artifact.size
+        )
         _remove(final)
         return False
 
@@ -324,6 +329,30 @@ def _checked(sha256: str) -> str:
     if not _SHA256.match(sha256):
         raise ValueError(f"not a sha256 hex digest (64 lowercase hex digits): {sha256!r}")
     return sha256
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _storage_error(path, err) from err
+
+
+def _sha256_of(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return _sha256_of_handle(handle)
+    except OSError as err:
+        raise _storage_error(path, err) from err
+
+
+def _sha256_of_handle(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(_HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _scan(directory: Path) -> list[os.DirEntry[str]]:

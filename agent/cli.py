@@ -220,7 +220,84 @@ def _mib(value: int | None) -> str:
 
 
 # Each registers one command group; add new groups here.
-COMMAND_GROUPS: tuple[Callable[[Subcommands], None], ...] = (add_profile_commands,)
+# --- run, status, config ------------------------------------------------------------------
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    from agent.config import DEFAULT_CONFIG_PATH
+
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(DEFAULT_CONFIG_PATH),
+        metavar="FILE",
+        help=f"agent configuration (default {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def add_daemon_commands(commands: Subcommands) -> None:
+    """``run``, ``status`` and ``config check``."""
+    run = commands.add_parser("run", help="run the agent daemon (systemd starts this)")
+    _config_argument(run)
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="applied generation, models and their health")
+    _config_argument(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    config = commands.add_parser("config", help="agent configuration")
+    actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = actions.add_parser("check", help="validate the file and print effective settings")
+    _config_argument(check)
+    check.set_defaults(handler=_config_check)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from agent.config import load_config
+    from agent.daemon import Agent, make_api
+
+    config = load_config(args.config, os.environ)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    agent = Agent(config, environ=os.environ, api_factory=make_api)
+    return agent.run_forever()
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.config import load_config
+    from agent.status import read_status, render_status
+
+    config = load_config(args.config, os.environ)
+    report = read_status(config)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_status(report))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.config import effective_settings, load_config
+
+    config = load_config(args.config, os.environ)
+    print(effective_settings(config))
+    return 0
+
+
+COMMAND_GROUPS: tuple[Callable[[Subcommands], None], ...] = (
+    add_profile_commands,
+    add_daemon_commands,
+)
 
 
 if __name__ == "__main__":

@@ -367,11 +367,10 @@ def load_config(path: Path, environ: Mapping[str, str]) -> AgentConfig:
     return config
 
 
-def trusted_keys(config: AgentConfig) -> TrustedKeys:
-    """The hub keys to verify desired states with: the inline ones plus those in the file."""
-    keys = TrustedKeys(
-        PublicKey(keyid=k.keyid, public_key=k.public_key) for k in config.trust.hub_public_keys
-    )
+def hub_public_keys(config: AgentConfig) -> list[PublicKey]:
+    """The configured hub keys: the inline ones plus those in the key file, checked."""
+    keys = [PublicKey(keyid=k.keyid, public_key=k.public_key) for k in config.trust.hub_public_keys]
+    TrustedKeys(keys)
     key_file = config.trust.hub_public_keys_file
     if key_file is not None:
         for index, entry in enumerate(_read_key_file(key_file)):
@@ -382,11 +381,18 @@ def trusted_keys(config: AgentConfig) -> TrustedKeys:
                 )
             if not all(isinstance(v, str) for v in entry.values()):
                 raise ManifestError(str(key_file), None, where, "expected string values")
+            key = PublicKey(keyid=entry["keyid"], public_key=entry["public_key"])
             try:
-                keys.add(PublicKey(keyid=entry["keyid"], public_key=entry["public_key"]))
+                TrustedKeys([key])
             except KeyFormatError as exc:
                 raise ManifestError(str(key_file), None, where, str(exc)) from None
+            keys.append(key)
     return keys
+
+
+def trusted_keys(config: AgentConfig) -> TrustedKeys:
+    """The hub keys to verify desired states with: the inline ones plus those in the file."""
+    return TrustedKeys(hub_public_keys(config))
 
 
 def _read_key_file(key_file: Path) -> list[Any]:
@@ -517,7 +523,7 @@ def _to_manifest_error(
     if isinstance(problem, _KeyProblemError):
         loc = (*loc, *problem.at)
     field = _dotted(loc)
-    expected = _expectation(error, is_key)
+    expected = _expectation(error, is_key, secret=loc[-1:] == ("password",))
     for depth in range(len(loc), 0, -1):
         variable = from_env.get(_dotted(loc[:depth]))
         if variable is not None:
@@ -526,10 +532,10 @@ def _to_manifest_error(
     return ManifestError(source, None, field, expected)
 
 
-def _expectation(error: ErrorDetails, is_key: bool) -> str:
+def _expectation(error: ErrorDetails, is_key: bool, secret: bool) -> str:
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx", {}))
-    got = _describe(error["input"])
+    got = "a value not shown here" if secret else _describe(error["input"])
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":

@@ -16,9 +16,6 @@
 Add new classes under the branch whose fault they describe and extend this tree.
 """
 
-# The names say what happened (HashMismatch, StorageFull), as in contract/errors.py.
-# ruff: noqa: N818
-
 from __future__ import annotations
 
 import errno as errno_codes
@@ -151,7 +148,6 @@ class StorageFull(StorageError):
         else:
             reason = "no space left on device"
         super().__init__(path, reason, errno=errno_codes.ENOSPC)
-
 
 
 # --- model host (agent/host.py, agent/smoke.py) ------------------------------------------

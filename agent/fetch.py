@@ -200,8 +200,8 @@ class UrlFetcher:
         max_bytes: int,
     ) -> None:
         """See ``Fetcher.fetch``. Retries transient failures per ``self.retry``."""
-        if expected_size < 0 or offset < 0:
-            raise ValueError("expected_size and offset must not be negative")
+        if not 0 <= offset <= expected_size:
+            raise ValueError(f"offset {offset} is outside [0, expected_size={expected_size}]")
         if expected_size > max_bytes:
             raise ArtifactTooLarge(url, expected_size, max_bytes)
         scheme = urlsplit(url).scheme.lower()
@@ -301,7 +301,9 @@ class UrlFetcher:
                     retryable=err.code >= 500 or err.code in RETRYABLE_STATUSES,
                 ) from None
         except urllib.error.URLError as err:
-            raise FetchError(url, _describe(err.reason, timeout), retryable=True) from err
+            # A certificate that fails verification will fail the same way next time.
+            transient = not isinstance(err.reason, ssl.SSLCertVerificationError)
+            raise FetchError(url, _describe(err.reason, timeout), retryable=transient) from err
         except (OSError, http.client.HTTPException) as err:
             raise FetchError(url, _describe(err, timeout), retryable=True) from err
         with response:

@@ -70,6 +70,9 @@ class BrokerSettings:
 class OutboxLike(Protocol):
     """What the link needs of the store-and-forward outbox."""
 
+    @property
+    def depth(self) -> int: ...
+
     def peek(self, limit: int) -> Sequence[Any]: ...
 
     def ack(self, ids: Sequence[int]) -> None: ...
@@ -351,7 +354,7 @@ class MqttLink:
             pending = bool(self._inflight.mids)
         if acked:
             self._outbox.ack(acked)
-        if pending:
+        if pending or self._outbox.depth == 0:
             return
         rows = self._outbox.peek(100)
         for row in rows:

@@ -67,12 +67,17 @@ class Outbox:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._lock = lock_for(self.db)
-        with self._lock, transaction(self.db):
-            for statement in _SCHEMA:
-                self.db.execute(statement)
+        with self._lock:
+            if not {"outbox", "outbox_meta"} <= set(self.db.table_names()):
+                with transaction(self.db):
+                    for statement in _SCHEMA:
+                        self.db.execute(statement)
             self._depth, self._bytes = self._totals()
-            # A smaller bound than the file was written with applies at once.
-            self._trim(incoming=0)
+            if self._depth > max_messages or self._bytes > max_bytes:
+                # A smaller bound than the file was written with applies at once.
+                with transaction(self.db):
+                    self._depth, self._bytes = self._totals()
+                    self._trim(incoming=0)
 
     def close(self) -> None:
         """Close the database if this object opened it."""

@@ -133,12 +133,15 @@ class AgentState:
         self._owned = not isinstance(db, Database)
         self.db = open_database(db) if not isinstance(db, Database) else db
         self._lock = lock_for(self.db)
-        with self._lock, transaction(self.db):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self.db.execute(statement)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
-        self._seq = self._seq_limit = int(self._meta("seq_reserved", 0))
+        with self._lock:
+            if not {"generations", "meta"} <= set(self.db.table_names()):
+                # Only a new file is written to here: a reader (``status``) never waits.
+                with transaction(self.db):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                    self._set_meta("schema_version", 1)
+            self._seq = self._seq_limit = int(self._meta("seq_reserved", 0))
 
     def close(self) -> None:
         """Close the database if this object opened it."""
@@ -326,6 +329,20 @@ class AgentState:
         """Whether ``generation`` was rolled back and no newer one has been staged since."""
         with self._lock:
             return generation in self._refused()
+
+    def refused(self) -> frozenset[int]:
+        """Generations rolled back here and not yet superseded by a newer staged one."""
+        with self._lock:
+            return frozenset(self._refused())
+
+    def trusted_keys(self) -> list[dict[str, str]]:
+        """The hub keys adopted from the last applied desired state (empty: use the config)."""
+        with self._lock:
+            return list(self._meta("trusted_keys", []))
+
+    def set_trusted_keys(self, keys: list[dict[str, str]]) -> None:
+        with self._lock, transaction(self.db):
+            self._set_meta("trusted_keys", keys)
 
     def keep_hashes(self) -> frozenset[str]:
         """The artifact hashes of the active and previous generations (keep them in cache)."""

@@ -395,6 +395,19 @@ def test_damaged_final_file_is_replaced(
     assert cache.ensure(artifact).read_bytes() == data
 
 
+def test_wrong_size_claim_keeps_the_intact_cached_copy(
+    server: ArtifactServer, cache: ArtifactCache, data: bytes
+) -> None:
+    artifact = artifact_for(data, url=server.add("/a", data))
+    path = cache.ensure(artifact)
+    wrong = Artifact(sha256=artifact.sha256, size=SIZE + 1, url=artifact.url)
+    with pytest.raises(SizeMismatch) as info:
+        cache.ensure(wrong)
+    assert (info.value.expected, info.value.actual) == (SIZE + 1, SIZE)
+    assert path.read_bytes() == data
+    assert len(server.requests) == 1
+
+
 def test_file_url_artifact(cache: ArtifactCache, data: bytes, tmp_path: Path) -> None:
     source = tmp_path / "model.onnx"
     source.write_bytes(data)
