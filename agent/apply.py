@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from agent.desired import Accepted
 from agent.errors import AgentError, ArtifactUnavailable
 from agent.faults import Faults
 from agent.host import ModelHost, Slot, load_model, thread_budget
+from agent.memory import release_freed_memory
 from agent.probation import find_breach
 from agent.state import AgentState, Generation
 from contract.errors import EdgefleetError
@@ -30,6 +32,9 @@ from contract.profile import FirmwareProfile, HardwareFacts
 from contract.select import Choice, Plan, Skip, select
 
 log = logging.getLogger(__name__)
+
+LOAD_WORKERS = 3
+"""Models fetched and loaded at once during an apply."""
 
 
 class Reporter(Protocol):
@@ -210,6 +215,7 @@ class Applier:
         table = self._load_table(state, plan, download=True)
         old = self._host.swap(table)
         self._host.drain(old, self._drain_timeout_s)
+        release_freed_memory()
         self.serving = Serving(
             generation=record.generation,
             state=state,
@@ -259,17 +265,18 @@ class Applier:
         return facts.model_copy(update={"memory_available_mb": facts.memory_available_mb + held})
 
     def _load_table(self, desired: DesiredState, plan: Plan, *, download: bool) -> dict[str, Slot]:
+        """Fetch, load and smoke-test every chosen model (a few at a time); then the skips.
+
+        Each model is a fetch-then-load pipeline of its own, so one model's download overlaps
+        another's session creation. The first failure is raised once all have finished.
+        """
         specs = {spec.name: spec for spec in desired.models}
-        paths: dict[str, tuple[Path, Path | None]] = {}
-        for choice in plan.chosen:
-            spec = specs[choice.model]
-            paths[choice.model] = self._artifacts(spec, choice, desired, download=download)
         priorities = {c.model: specs[c.model].priority for c in plan.chosen}
         threads = thread_budget(self._profile.budgets.threads, priorities)
-        table: dict[str, Slot] = {}
-        for index, choice in enumerate(plan.chosen):
+
+        def prepare(choice: Choice) -> Slot:
             spec = specs[choice.model]
-            model_path, golden_path = paths[choice.model]
+            model_path, golden_path = self._artifacts(spec, choice, desired, download=download)
             model = load_model(
                 model_path,
                 spec,
@@ -278,9 +285,22 @@ class Applier:
                 golden_path=golden_path,
                 variant=choice.variant,
             )
-            table[choice.model] = Slot(model, desired.runtime.for_model(choice.model))
-            if index == 0:
-                self._faults.hit("load")
+            return Slot(model, desired.runtime.for_model(choice.model))
+
+        table: dict[str, Slot] = {}
+        failures: list[BaseException] = []
+        workers = max(1, min(LOAD_WORKERS, len(plan.chosen)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="edgefleet-load") as pool:
+            futures = [(c.model, pool.submit(prepare, c)) for c in plan.chosen]
+            for index, (name, future) in enumerate(futures):
+                try:
+                    table[name] = future.result()
+                except Exception as exc:
+                    failures.append(exc)
+                if index == 0:
+                    self._faults.hit("load")
+        if failures:
+            raise failures[0]
         for skip in plan.skipped:
             table[skip.model] = Slot.unavailable(
                 skip.model,
@@ -329,6 +349,7 @@ class Applier:
         )
         self._host.drain(old, self._drain_timeout_s)
         self._collect_garbage()
+        release_freed_memory()
         if probation <= 0:
             self._commit()
 
@@ -438,6 +459,7 @@ class Applier:
                 data={"restored": previous.generation},
             )
             self._host.drain(old, self._drain_timeout_s)
+            release_freed_memory()
             return True
 
     # ---- pressure ------------------------------------------------------------------

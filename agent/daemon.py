@@ -55,6 +55,8 @@ from contract.signing import PublicKey, TrustedKeys
 from contract.topics import Kind, down_topic, up_topic
 
 log = logging.getLogger(__name__)
+# A job skipped because its previous run is still going is expected, not worth a warning.
+logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 AGENT_VERSION = contract_version
 CAPABILITIES = ["rebirth", "rollback", "oip-v2", "outbox"]
@@ -71,6 +73,7 @@ class Agent:
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.time,
         api_factory: Callable[[Agent], Any] | None = None,
+        pressure_interval_s: float = 5.0,
     ) -> None:
         self.config = config
         self.device_id = config.device_id
@@ -138,8 +141,10 @@ class Agent:
         self.scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True})
         self._worker: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._sd_status = ""
         self._telemetry_interval = 0.0
         self._last_telemetry = clock()
+        self.pressure_interval_s = pressure_interval_s
         self.api = api_factory(self) if api_factory else None
 
     # ---- life cycle ----------------------------------------------------------------
@@ -158,7 +163,11 @@ class Agent:
             self.applier.check_probation, "interval", seconds=1.0, id="probation", max_instances=1
         )
         self.scheduler.add_job(
-            self._check_pressure, "interval", seconds=5.0, id="pressure", max_instances=1
+            self._check_pressure,
+            "interval",
+            seconds=self.pressure_interval_s,
+            id="pressure",
+            max_instances=1,
         )
         watchdog = sdnotify.watchdog_interval()
         if watchdog:
@@ -315,6 +324,15 @@ class Agent:
             log.warning("cannot write the status file: %s", exc)
         if self.link.connected:
             self.link.publish(self._publication(message, retain=True))
+        self._notify_status()
+
+    def _notify_status(self) -> None:
+        """Tell systemd the one-line status (``systemctl status``) when it changed."""
+        ready, why = self.applier.ready()
+        text = why if ready else f"waiting: {why}"
+        if text != self._sd_status:
+            self._sd_status = text
+            sdnotify.status(text)
 
     def _queue(self, msg: Message) -> None:
         publication = self._publication(msg)

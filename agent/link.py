@@ -3,6 +3,12 @@
 One thread owns the paho client and drives its network loop. paho callbacks only record
 what happened (a flag, a queue entry); everything that may block runs in this thread
 between loop iterations or in the caller's threads, never inside a callback.
+
+Every connection attempt gets a fresh paho client, so nothing paho still held for an old
+connection (unacknowledged outbox rows, an old session's birth) is re-sent after a
+reconnect: the outbox alone decides what is sent again, in order. Only the link thread
+writes to the socket; ``publish`` from other threads queues the packet and wakes the loop
+(a TLS socket must not be written from two threads at once).
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
 NOT_AUTHORIZED_CODES = frozenset({0x86, 0x87})
+STABLE_AFTER_S = 10.0
+"""A connection that lasted this long resets the backoff; a shorter one does not, so two
+agents with the same client id (each connect drops the other) back off instead of looping."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,8 @@ class Publication:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    correlation_data: bytes | None = None
+    """MQTT 5 correlation data (a command's reply); not sent over MQTT 3.1.1."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,7 @@ class MqttLink:
         backoff_base: float = 0.5,
         backoff_cap: float = 60.0,
         rand: Callable[[], float] = random.random,
+        stable_after: float = STABLE_AFTER_S,
     ) -> None:
         self.settings = settings
         self._subscriptions = list(subscriptions)
@@ -133,6 +146,7 @@ class MqttLink:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._rand = rand
+        self._stable_after = stable_after
         self.counters = LinkCounters()
         self.session = 0
         self._stop = threading.Event()
@@ -153,6 +167,9 @@ class MqttLink:
         return self._connected.is_set()
 
     def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the link is already started")
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="edgefleet-mqtt", daemon=True)
         self._thread.start()
 
@@ -163,13 +180,27 @@ class MqttLink:
         """Hand a message to the broker now; False when not connected (caller decides)."""
         if not self.connected:
             return False
-        info = self._client.publish(
-            publication.topic, publication.payload, publication.qos, publication.retain
-        )
+        info = self._send(self._client, publication)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
         self.counters.published += 1
         return True
+
+    def _properties(self, publication: Publication) -> Properties | None:
+        if publication.correlation_data is None or self.settings.protocol != "5":
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.CorrelationData = publication.correlation_data
+        return properties
+
+    def _send(self, client: mqtt.Client, publication: Publication) -> mqtt.MQTTMessageInfo:
+        return client.publish(
+            publication.topic,
+            publication.payload,
+            publication.qos,
+            publication.retain,
+            properties=self._properties(publication),
+        )
 
     def request_rebirth(self) -> None:
         self._rebirth = True
@@ -204,6 +235,9 @@ class MqttLink:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         client.max_queued_messages_set(0)
+        # Writes happen in the link thread only (in loop()); a publish from another thread
+        # queues the packet and wakes the loop through paho's socket pair.
+        client.on_socket_register_write = _defer_write
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -263,11 +297,23 @@ class MqttLink:
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            outcome = self._connect_once()
-            if outcome == "connected":
-                attempt = 0
-                self._serve()
-                continue
+            try:
+                outcome = self._connect_once()
+                if outcome == "connected":
+                    began = time.monotonic()
+                    self._serve()
+                    if time.monotonic() - began >= self._stable_after:
+                        attempt = 0
+                    outcome = "connection lost"
+            except Exception:
+                # Nothing here may end the thread: count it, drop the connection, try again.
+                self.counters.callback_errors += 1
+                self._connected.clear()
+                log.exception("mqtt link failure")
+                self._abandon()
+                outcome = "link failure"
+            if self._stop.is_set():
+                break
             if outcome == "not_authorized":
                 attempt = max(attempt, 30)
             delay = backoff_delay(
@@ -282,6 +328,7 @@ class MqttLink:
         s = self.settings
         self.session = self._next_session()
         will = self._will(self.session)
+        self._client = self._make_client()
         self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._connack = None
         self._lost = False
@@ -294,10 +341,19 @@ class MqttLink:
             self.counters.connect_failures += 1
             return f"connect to {s.host}:{s.port} failed ({exc})"
         deadline = time.monotonic() + max(5.0, float(s.keepalive))
-        while self._connack is None and not self._lost and time.monotonic() < deadline:
+        while (
+            self._connack is None
+            and not self._lost
+            and not self._stop.is_set()
+            and time.monotonic() < deadline
+        ):
             if self._client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         code = self._connack
+        if code is None and self._stop.is_set():
+            self._client.disconnect()
+            self._client.loop(0.1)
+            return "stopped"
         if code is None or code.is_failure:
             self.counters.connect_failures += 1
             self._client.disconnect()
@@ -326,7 +382,11 @@ class MqttLink:
             if self._rebirth:
                 self._rebirth = False
                 self._publish_greeting()
-            self._drain_outbox()
+            try:
+                self._drain_outbox()
+            except Exception:
+                self.counters.callback_errors += 1
+                log.exception("draining the outbox failed; trying again")
         self._connected.clear()
         if self._stop.is_set():
             self._say_goodbye()
@@ -341,9 +401,7 @@ class MqttLink:
             log.exception("building the birth messages failed")
             return
         for publication in greeting:
-            self._client.publish(
-                publication.topic, publication.payload, publication.qos, publication.retain
-            )
+            self._send(self._client, publication)
 
     def _drain_outbox(self) -> None:
         if self._outbox is None:
@@ -364,11 +422,24 @@ class MqttLink:
             with self._lock:
                 self._inflight.mids[info.mid] = row.id
 
+    def _abandon(self) -> None:
+        """Close the current connection without a DISCONNECT (the broker sends the Will)."""
+        try:
+            sock = self._client.socket()
+            if sock is not None:
+                sock.close()
+        except Exception:
+            log.debug("closing the socket failed", exc_info=True)
+
     def _say_goodbye(self) -> None:
-        infos = [self._client.publish(p.topic, p.payload, p.qos, p.retain) for p in self._final]
+        infos = [self._send(self._client, p) for p in self._final]
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not all(i.is_published() for i in infos):
             if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         self._client.disconnect()
         self._client.loop(0.1)
+
+
+def _defer_write(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's hook for an external write loop: the link thread's loop() does the writing."""

@@ -39,7 +39,7 @@ from hub.errors import ArtifactNotFound, InvalidSha256
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 64 * 1024  # a send must finish within idle_s: 64 KiB in 60 s is ~1 KiB/s
 URL_PREFIX = "/artifacts/"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -400,7 +400,7 @@ class ArtifactServer:
         if self._thread is not None:
             raise RuntimeError("the artifact server is already started")
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="artifact-server", kwargs={"poll_interval": 0.2}
+            target=self._httpd.serve_forever, name="artifact-server", kwargs={"poll_interval": 0.05}
         )
         self._thread.start()
 

@@ -69,6 +69,7 @@ class QuantizeResult:
     per_channel: bool
     preprocess: Preprocess
     samples: int
+    sample_source: str
     drift: Mapping[str, OutputDrift]
 
     @property
@@ -85,6 +86,7 @@ class QuantizeResult:
             "per_channel": self.per_channel,
             "preprocess": self.preprocess,
             "samples": self.samples,
+            "sample_source": self.sample_source,
             "outputs": {name: asdict(d) for name, d in self.drift.items()},
         }
 
@@ -94,6 +96,7 @@ def quantize_int8(
     dst: Path | str,
     *,
     sample_inputs: Sequence[Feed],
+    sample_source: str = "given",
     op_types: Sequence[str] | None = None,
     per_channel: bool = False,
     preprocess: Preprocess = "constants",
@@ -103,8 +106,11 @@ def quantize_int8(
 
     ``op_types`` restricts which operator types are quantized (e.g. ``["MatMul"]``); None
     quantizes every type ONNX Runtime supports. ``sample_inputs`` are feeds (input name ->
-    array) run through both models; at least one is required. ``classification_outputs``
-    names the outputs to report top-1 agreement for; None detects them (see OutputDrift).
+    array) run through both models; at least one is required. ``sample_source`` says where
+    they came from (e.g. "synthetic", "operator:<file>") and is recorded with the drift:
+    drift on synthetic noise can hide what real input shows (ADR 0006).
+    ``classification_outputs`` names the outputs to report top-1 agreement for; None detects
+    them (see OutputDrift).
     ``dst`` is written atomically (temporary file, then rename). Raises ModelFileError when
     ``src`` is not ONNX, QuantizeError when quantization fails, quantizes nothing, or the
     models cannot be run on the samples.
@@ -175,6 +181,7 @@ def quantize_int8(
         per_channel=per_channel,
         preprocess=preprocess,
         samples=len(sample_inputs),
+        sample_source=sample_source,
         drift=drift,
     )
 

@@ -38,6 +38,8 @@ SYSTEM_MODEL = ""
 CMD_RESULT_KIND = "cmd.result"
 """Event kind under which command results (``up/result``) are stored."""
 PRUNE_CHUNK = 5000
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+"""Store errors worth retrying: the database is busy or locked, the disk full or failing."""
 
 
 # --- migrations ----------------------------------------------------------------------------
@@ -763,9 +765,6 @@ ON CONFLICT (device_id, model, minute) DO UPDATE SET
     throttled_samples = throttled_samples + excluded.throttled_samples
 """
 
-_DEVICE_FILTERS_DOC = """``online``, ``profile`` (profile name), ``labels`` (every key equal),
-``model`` and ``model_version`` (in the reported state)"""
-
 
 class Store:
     """The hub's store: one SQLite connection, migrated on open, shared by a process's threads.
@@ -812,11 +811,6 @@ class Store:
         """Hold the store's lock and one SQLite transaction (a savepoint when nested)."""
         with self._lock, transaction(self.db):
             yield
-
-    @contextmanager
-    def _read(self) -> Iterator[Database]:
-        with self._lock:
-            yield self.db
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
@@ -947,6 +941,10 @@ class Store:
         session; a newer session becomes current (and the device online). Creates the row
         for a device not seen before."""
         with self.transaction():
+            self._touch(device_id, session, seq, received_at)
+
+    def _touch(self, device_id: str, session: int, seq: int, received_at: float) -> None:
+        with self._lock:
             self.db.execute(
                 """
                 INSERT INTO devices (device_id, session, last_seq, online, first_seen, last_seen)
@@ -968,7 +966,7 @@ class Store:
     def record_state(self, state: State, received_at: float) -> bool:
         """Store a reported state unless a newer one (by session, then seq) is stored."""
         with self.transaction():
-            self.touch_device(state.device_id, state.session, state.seq, received_at)
+            self._touch(state.device_id, state.session, state.seq, received_at)
             cur = self.db.execute(
                 """
                 UPDATE devices SET
@@ -996,14 +994,14 @@ class Store:
         """Store an event once per (device, session, seq); False for a duplicate."""
         return self._insert_event(
             event.device_id,
-            event.session,
-            event.seq,
-            event.ts,
-            event.kind,
-            event.generation,
-            event.message,
-            event.data,
-            received_at,
+            session=event.session,
+            seq=event.seq,
+            ts=event.ts,
+            kind=event.kind,
+            generation=event.generation,
+            message=event.message,
+            data=event.data,
+            received_at=received_at,
         )
 
     def record_result(self, result: CmdResult, received_at: float) -> bool:
@@ -1014,19 +1012,20 @@ class Store:
         message = result.error or ("ok" if result.ok else "failed")
         return self._insert_event(
             result.device_id,
-            result.session,
-            result.seq,
-            result.ts,
-            CMD_RESULT_KIND,
-            None,
-            message,
-            data,
-            received_at,
+            session=result.session,
+            seq=result.seq,
+            ts=result.ts,
+            kind=CMD_RESULT_KIND,
+            generation=None,
+            message=message,
+            data=data,
+            received_at=received_at,
         )
 
     def _insert_event(
         self,
         device_id: str,
+        *,
         session: int,
         seq: int,
         ts: float,
@@ -1037,7 +1036,7 @@ class Store:
         received_at: float,
     ) -> bool:
         with self.transaction():
-            self.touch_device(device_id, session, seq, received_at)
+            self._touch(device_id, session, seq, received_at)
             cur = self.db.execute(
                 """
                 INSERT OR IGNORE INTO events (
@@ -1053,10 +1052,17 @@ class Store:
         per-minute rollups. Returns, per item, whether it was new (False: a duplicate)."""
         new: list[bool] = []
         rollups: list[tuple[Any, ...]] = []
+        touched: dict[tuple[str, int], tuple[int, float]] = {}
+        for item in items:
+            t = item.message
+            key = (t.device_id, t.session)
+            seq, seen = touched.get(key, (t.seq, item.received_at))
+            touched[key] = (max(seq, t.seq), max(seen, item.received_at))
         with self.transaction():
+            for (device_id, session), (seq, seen) in sorted(touched.items()):
+                self._touch(device_id, session, seq, seen)
             for item in items:
                 t = item.message
-                self.touch_device(t.device_id, t.session, t.seq, item.received_at)
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO telemetry_raw "
                     "(device_id, session, seq, ts, payload, received_at) "
@@ -1122,8 +1128,9 @@ class Store:
         after: str | None = None,
         limit: int | None = 100,
     ) -> list[DeviceRecord]:
-        """Devices by id, filtered by """ + _DEVICE_FILTERS_DOC + """; ``after`` is the
-        last id of the previous page."""
+        """Devices ordered by id, filtered by ``online``, ``profile`` (profile name),
+        ``labels`` (every key equal), ``model`` / ``model_version`` (in the reported state);
+        ``after`` is the last id of the previous page, ``limit`` None for all."""
         where, params = self._device_where(online, profile, labels, model, model_version)
         if after is not None:
             where += (" AND " if where else " WHERE ") + "device_id > ?"
@@ -1360,9 +1367,7 @@ class Store:
             return self.get_model_set(name, version)
 
     def find_model_set(self, name: str, version: str) -> ModelSetRecord | None:
-        row = self._row(
-            "SELECT * FROM model_sets WHERE name = ? AND version = ?", (name, version)
-        )
+        row = self._row("SELECT * FROM model_sets WHERE name = ? AND version = ?", (name, version))
         return None if row is None else _model_set(row)
 
     def get_model_set(self, name: str, version: str) -> ModelSetRecord:
@@ -1548,8 +1553,7 @@ class Store:
     def unpublished_desired(self) -> list[DesiredRecord]:
         """Newest documents whose publish was never acknowledged (to publish again)."""
         rows = self._rows(
-            f"SELECT * FROM ({self._LATEST_DESIRED}) WHERE published_at IS NULL "
-            "ORDER BY device_id"
+            f"SELECT * FROM ({self._LATEST_DESIRED}) WHERE published_at IS NULL ORDER BY device_id"
         )
         return [_desired(r) for r in rows]
 

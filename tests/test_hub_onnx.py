@@ -256,6 +256,7 @@ def test_quantize_cls(ocr_models: dict[str, Path], tmp_path: Path, preprocess: A
     record = json.loads(json.dumps(result.drift_dict()))
     assert record["outputs"][name]["cosine"] == drift.cosine
     assert record["preprocess"] == preprocess
+    assert record["sample_source"] == "given"
 
     quantized = inspect_model(dst)
     original = inspect_model(src)
@@ -292,7 +293,10 @@ def test_quantize_converts_constant_weights(tmp_path: Path) -> None:
     assert [n.op_type for n in prepared.graph.node] == ["MatMul", "Softmax"]
 
     x = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)
-    result = quantize_int8(src, tmp_path / "const.int8.onnx", sample_inputs=[{"x": x}])
+    result = quantize_int8(
+        src, tmp_path / "const.int8.onnx", sample_inputs=[{"x": x}], sample_source="synthetic"
+    )
+    assert result.drift_dict()["sample_source"] == "synthetic"
     assert result.drift["y"].top1_agreement == 1.0
     assert result.drift["y"].cosine > 0.99
 

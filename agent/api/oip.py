@@ -235,6 +235,8 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
     kind = raw.dtype.kind
     if count == 0:
         return np.empty(shape, dtype=dtype)
+    if dtype.kind in "iu" and kind in "fO":
+        return _exact_integers(data, datatype, dtype, shape, what)
     if dtype.kind == "b":
         ok = kind == "b"
     elif dtype.kind in "iu":
@@ -253,6 +255,19 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
                 f"({info.min} to {info.max})"
             )
     return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(
+    data: Any, datatype: str, dtype: np.dtype[Any], shape: tuple[int, ...], what: str
+) -> Array:
+    """Integers numpy promoted to float or object (e.g. UINT64 beside negatives), one by one."""
+    values = np.asarray(data, dtype=object).reshape(-1).tolist()
+    if not all(type(v) is int for v in values):
+        raise ProtocolError(f"{what}: {datatype} data must be integers")
+    try:
+        return np.array(values, dtype=dtype).reshape(shape)
+    except OverflowError:
+        raise ProtocolError(f"{what}: values do not fit {datatype}") from None
 
 
 def _binary_array(chunk: memoryview, datatype: str, shape: tuple[int, ...], what: str) -> Array:
@@ -343,6 +358,8 @@ def parse_infer_request(header: Buffer, binary: Buffer = b"") -> InferRequest:
             raise ProtocolError(f"{what} is given twice")
         seen.add(name)
         datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise ProtocolError(f"{what}: datatype must be a string, got {datatype!r}")
         numpy_dtype(datatype)
         shape = _shape(item.get("shape"), what)
         tensor_params = _parameters(item, what)
@@ -426,7 +443,7 @@ def check_inputs(inputs: Sequence[InputTensor], expected: Sequence[TensorMeta]) 
                 f"{len(tensor.shape)}, the model takes rank {len(meta.shape)} {list(meta.shape)}"
             )
         for axis, (dim, want) in enumerate(zip(tensor.shape, meta.shape, strict=True)):
-            if want != -1 and dim != want:
+            if want not in (-1, dim):
                 raise ProtocolError(
                     f"input {tensor.name!r}: shape {list(tensor.shape)} has {dim} at axis "
                     f"{axis}, the model takes {list(meta.shape)}"
@@ -481,7 +498,7 @@ def _encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any],
             chunk = memoryview(data)
         else:
             wire = np.ascontiguousarray(flat, dtype=DATATYPES[datatype])
-            chunk = memoryview(wire.view(np.uint8))
+            chunk = wire.view(np.uint8).data
         doc["parameters"] = {"binary_data_size": len(chunk)}
         return doc, chunk
     if datatype == "BYTES":
@@ -557,7 +574,7 @@ def model_metadata(
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether the agent is ready to serve (the desired set loaded and smoke-tested), and why not."""
+    """Whether the agent may serve (the desired set loaded and smoke-tested); if not, why."""
 
     ready: bool
     reason: str | None = None
