@@ -244,7 +244,7 @@ class Applier:
                 plan = self._plan(desired)
                 self._state.record_staged(generation, accepted.signed_payload, _dump(plan))
                 self._set_phase("loading")
-                table = self._load_table(desired, plan, download=True)
+                table = self._load_table(desired, plan, download=True, applying=True)
             except (_Failure, EdgefleetError, OSError, ValueError) as exc:
                 return self._fail(generation, exc)
             self._switch(generation, desired, plan, table)
@@ -264,11 +264,14 @@ class Applier:
         held = sum(c.memory_mb for c in self.serving.plan.chosen)
         return facts.model_copy(update={"memory_available_mb": facts.memory_available_mb + held})
 
-    def _load_table(self, desired: DesiredState, plan: Plan, *, download: bool) -> dict[str, Slot]:
+    def _load_table(
+        self, desired: DesiredState, plan: Plan, *, download: bool, applying: bool = False
+    ) -> dict[str, Slot]:
         """Fetch, load and smoke-test every chosen model (a few at a time); then the skips.
 
         Each model is a fetch-then-load pipeline of its own, so one model's download overlaps
         another's session creation. The first failure is raised once all have finished.
+        ``applying``: an apply, not a restore or rollback (the ``load`` fault point is here).
         """
         specs = {spec.name: spec for spec in desired.models}
         priorities = {c.model: specs[c.model].priority for c in plan.chosen}
@@ -297,7 +300,7 @@ class Applier:
                     table[name] = future.result()
                 except Exception as exc:
                     failures.append(exc)
-                if index == 0:
+                if index == 0 and applying:
                     self._faults.hit("load")
         if failures:
             raise failures[0]

@@ -511,7 +511,9 @@ class Agent:
         topic = cmd.reply_to or incoming.response_topic or up_topic(self.device_id, Kind.RESULT)
         if not topic.startswith(f"edgefleet/v1/dev/{self.device_id}/up/"):
             topic = up_topic(self.device_id, Kind.RESULT)
-        self.link.publish(Publication(topic, encode(reply), 1, False))
+        self.link.publish(
+            Publication(topic, encode(reply), 1, False, correlation_data=incoming.correlation_data)
+        )
 
 
 def _str(path: Path | None) -> str | None:

@@ -115,6 +115,9 @@ class _Inflight:
 class MqttLink:
     """Keeps one MQTT connection up and moves messages both ways.
 
+    ``session`` is the session number of the current (or, while reconnecting, the last)
+    connection; every attempt takes a new number from ``next_session`` for its Will, and
+    it becomes ``session`` once the broker accepts the connection.
     ``will`` builds the (topic, payload) of the Will for a session number;
     ``on_connected`` returns what to publish first on every connect (status, birth, state);
     ``on_message`` receives every message on the subscriptions (called in the link
@@ -326,8 +329,8 @@ class MqttLink:
 
     def _connect_once(self) -> str:
         s = self.settings
-        self.session = self._next_session()
-        will = self._will(self.session)
+        session = self._next_session()
+        will = self._will(session)
         self._client = self._make_client()
         self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._connack = None
@@ -362,6 +365,9 @@ class MqttLink:
                 self.counters.not_authorized += 1
                 return "not_authorized"
             return f"broker refused or closed the connection ({code})"
+        # Only an established connection's session names what the agent publishes: messages
+        # queued during an outage keep the session (and seq run) of the last connection.
+        self.session = session
         first = self.counters.connects == 0
         self.counters.connects += 1
         if not first:

@@ -57,6 +57,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from contract.errors import WireError
 from contract.messages import (
@@ -332,7 +333,7 @@ class Ingest:
         broker = self.config.broker
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = broker.session_expiry_s
             properties.ReceiveMaximum = RECEIVE_MAXIMUM
         try:
@@ -454,14 +455,14 @@ class Ingest:
         group = self.config.broker.shared_group
         client = self._client
         if self._v5:
-            options = mqtt.SubscribeOptions(qos=1)
+            options = SubscribeOptions(qos=1)
             if group:
-                props = Properties(PacketTypes.SUBSCRIBE)
+                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
                 props.SubscriptionIdentifier = SUB_ID_SHARED
                 client.subscribe(
-                    shared_subscription(group, DEVICE_UP_ALL), options, properties=props
+                    shared_subscription(group, DEVICE_UP_ALL), options=options, properties=props
                 )
-                snap = Properties(PacketTypes.SUBSCRIBE)
+                snap = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
                 snap.SubscriptionIdentifier = SUB_ID_SNAPSHOT
                 client.subscribe(
                     [(up_filter(Kind.STATUS), options), (up_filter(Kind.STATE), options)],
@@ -469,8 +470,8 @@ class Ingest:
                 )
                 self._snapshot_until = time.monotonic() + SNAPSHOT_WINDOW_S
             else:
-                client.subscribe(DEVICE_UP_ALL, options)
-            client.subscribe(SYS_DROPPED_TOPIC, mqtt.SubscribeOptions(qos=0))
+                client.subscribe(DEVICE_UP_ALL, options=options)
+            client.subscribe(SYS_DROPPED_TOPIC, options=SubscribeOptions(qos=0))
         else:
             client.subscribe([(DEVICE_UP_ALL, 1), (SYS_DROPPED_TOPIC, 0)])
 
@@ -525,10 +526,8 @@ class Ingest:
             return
         if topic.startswith("$SYS/"):
             if topic == SYS_DROPPED_TOPIC:
-                try:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):
                     self.metrics.broker_dropped.set(float(message.payload.decode().strip()))
-                except (UnicodeDecodeError, ValueError):
-                    pass
             client.ack(message.mid, message.qos)
             return
         if self._v5 and not message.retain:
@@ -750,23 +749,20 @@ class Ingest:
 
     def _call_hooks(self, d: _Decoded) -> None:
         msg = d.message
-        device_id = msg.subject_device_id() or ""
-        hooks: list[Any]
-        name: str
         if isinstance(msg, Birth):
-            hooks, name = self.hooks.on_birth, "on_birth"
+            self._run_hooks("on_birth", self.hooks.on_birth, msg.device_id, msg)
         elif isinstance(msg, Status):
-            hooks, name = self.hooks.on_status, "on_status"
+            self._run_hooks("on_status", self.hooks.on_status, msg.device_id, msg)
         elif isinstance(msg, State):
-            hooks, name = self.hooks.on_state, "on_state"
+            self._run_hooks("on_state", self.hooks.on_state, msg.device_id, msg)
         elif isinstance(msg, Event):
-            hooks, name = self.hooks.on_event, "on_event"
+            self._run_hooks("on_event", self.hooks.on_event, msg.device_id, msg)
         elif isinstance(msg, CmdResult):
-            hooks, name = self.hooks.on_result, "on_result"
+            self._run_hooks("on_result", self.hooks.on_result, msg.device_id, msg)
         elif isinstance(msg, Telemetry):
-            hooks, name = self.hooks.on_telemetry, "on_telemetry"
-        else:
-            return
+            self._run_hooks("on_telemetry", self.hooks.on_telemetry, msg.device_id, msg)
+
+    def _run_hooks(self, name: str, hooks: list[Hook[M]], device_id: str, msg: M) -> None:
         for hook in hooks:
             try:
                 hook(device_id, msg)

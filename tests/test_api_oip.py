@@ -25,7 +25,9 @@ def request(*inputs: dict[str, Any], **extra: Any) -> bytes:
     return json.dumps({"inputs": list(inputs), **extra}).encode()
 
 
-def tensor(name: str = "x", datatype: str = "FP32", shape: list[int] | None = None, **rest: Any):
+def tensor(
+    name: str = "x", datatype: Any = "FP32", shape: Any = None, **rest: Any
+) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": [2] if shape is None else shape, **rest}
 
 
@@ -61,9 +63,7 @@ def test_every_datatype_maps_to_onnx_runtime_and_numpy_and_back() -> None:
 
 def test_json_data_flat_or_nested_row_major() -> None:
     flat = oip.parse_infer_request(request(tensor(shape=[2, 3], data=[1, 2, 3, 4, 5, 6.5])))
-    nested = oip.parse_infer_request(
-        request(tensor(shape=[2, 3], data=[[1, 2, 3], [4, 5, 6.5]]))
-    )
+    nested = oip.parse_infer_request(request(tensor(shape=[2, 3], data=[[1, 2, 3], [4, 5, 6.5]])))
     expected = np.array([[1, 2, 3], [4, 5, 6.5]], dtype=np.float32)
     for parsed in (flat, nested):
         (x,) = parsed.inputs
@@ -191,7 +191,7 @@ def test_request_fields_are_kept() -> None:
 # --- binary tensors ----------------------------------------------------------------------
 
 
-def binary_input(name: str, datatype: str, shape: list[int], size: int) -> dict[str, Any]:
+def binary_input(name: str, datatype: str, shape: list[int], size: Any) -> dict[str, Any]:
     return tensor(name, datatype, shape, parameters={"binary_data_size": size})
 
 
@@ -396,7 +396,7 @@ def test_non_utf8_bytes_output_needs_binary() -> None:
 
 def response_as_request(encoded: oip.EncodedResponse) -> oip.InferRequest:
     """Feed a response's outputs back in as inputs (what was sent is what is read)."""
-    doc = json.loads(encoded.json)
+    doc: dict[str, Any] = json.loads(encoded.json)
     binary = b"".join(bytes(b) for b in encoded.buffers)
     return oip.parse_infer_request(oip.dumps({"inputs": doc["outputs"]}), binary)
 
@@ -456,7 +456,11 @@ def test_metadata_and_index_documents() -> None:
         ],
     }
     entry = oip.RepositoryEntry("m", None, "UNAVAILABLE", "left out: memory budget")
-    assert entry.to_dict() == {"name": "m", "state": "UNAVAILABLE", "reason": "left out: memory budget"}
+    assert entry.to_dict() == {
+        "name": "m",
+        "state": "UNAVAILABLE",
+        "reason": "left out: memory budget",
+    }
     assert oip.parse_index_request(b"") is False
     assert oip.parse_index_request(b'{"ready": true}') is True
     with pytest.raises(ProtocolError):

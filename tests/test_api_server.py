@@ -17,11 +17,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 from prometheus_client.parser import text_string_to_metric_families
-
-from agent.api import ApiMetrics, InferenceServer, Readiness, RepositoryEntry
-from agent.api.server import parse_bind
-from agent.host import LoadedModel, ModelHost
-from tests.support.inference import (
+from support.inference import (
     GatedSession,
     UnixHTTPConnection,
     binary_request,
@@ -35,6 +31,10 @@ from tests.support.inference import (
     slot,
 )
 
+from agent.api import ApiMetrics, InferenceServer, Readiness, RepositoryEntry
+from agent.api.server import parse_bind
+from agent.host import LoadedModel, ModelHost
+
 LIMIT = 64 * 1024
 
 
@@ -44,7 +44,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
     return {
         "add": load("add", save_add_model(root / "add.onnx", 1.0, width=4), hints={"x": [1, 4]}),
         "text": load("text", save_identity_model(root / "s.onnx", TensorProto.STRING)),
-        "flags": load("flags", save_identity_model(root / "b.onnx", TensorProto.BOOL, rank=2)),
+        "flags": load(
+            "flags",
+            save_identity_model(root / "b.onnx", TensorProto.BOOL, rank=2),
+            hints={"x": [1, 2]},
+        ),
     }
 
 
@@ -199,7 +203,7 @@ def test_requested_outputs_choose_json_or_binary_each(server: InferenceServer) -
     assert doc["outputs"][0]["data"] == [2, 3, 4, 5]
     request["outputs"] = [{"name": "y"}]
     conn.request("POST", "/v2/models/add/infer", body=json.dumps(request))
-    header, binary = read_binary_response(conn.getresponse())
+    _, binary = read_binary_response(conn.getresponse())
     assert np.frombuffer(binary, np.float32).tolist() == [2, 3, 4, 5]
     request["outputs"] = [{"name": "nope"}]
     status, doc, _ = call(conn, "POST", "/v2/models/add/infer", request)
@@ -250,7 +254,6 @@ def test_bytes_and_bool_tensors(server: InferenceServer) -> None:
         ),
         ("/v2/models/add/infer", b'{"inputs": [', 400, "not valid JSON"),
         ("/v2/models/add/infer", b"", 400, "not valid JSON"),
-        ("/v2/models/add", None, 404, None),
         ("/v2/models/nope", None, 404, "'nope' is not loaded"),
         ("/v2/models/nope/ready", None, 404, "'nope' is not loaded"),
         ("/v2/models/add/versions/2/ready", None, 404, "no version '2'"),
@@ -262,8 +265,6 @@ def test_error_statuses_keep_the_connection(
 ) -> None:
     conn = connect(server)
     method = "GET" if body is None else "POST"
-    if path == "/v2/models/add":
-        method, body, status, message = "DELETE", None, 405, "use GET"
     got, doc, response = call(conn, method, path, body)
     assert got == status, doc
     assert set(doc) == {"error"}
@@ -271,6 +272,24 @@ def test_error_statuses_keep_the_connection(
         assert message in doc["error"]
     assert response.getheader("Connection") != "close"
     assert call(conn, "GET", "/v2/health/live")[0] == 200  # the connection still works
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/v2/models/add", "GET"),
+        ("POST", "/v2/health/ready", "GET"),
+        ("GET", "/v2/models/add/infer", "POST"),
+        ("GET", "/v2/repository/index", "POST"),
+    ],
+)
+def test_wrong_method_is_405(server: InferenceServer, method: str, path: str, allowed: str) -> None:
+    conn = connect(server)
+    status, doc, response = call(conn, method, path)
+    assert status == 405
+    assert response.getheader("Allow") == allowed
+    assert f"use {allowed}" in doc["error"]
     conn.close()
 
 
@@ -333,9 +352,7 @@ def test_body_limits(server: InferenceServer) -> None:
     # A body that ends before its Content-Length
     doc = json.dumps({"inputs": [x_input([1, 2, 3, 4])]}).encode()
     head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-    status, _, body = parse_raw_response(
-        raw_exchange(server.port, head % (len(doc) + 10) + doc)
-    )
+    status, _, body = parse_raw_response(raw_exchange(server.port, head % (len(doc) + 10) + doc))
     assert status == 400
     assert f"the body ended after {len(doc)} of {len(doc) + 10} bytes" in json.loads(body)["error"]
     for bad in (b"-5", b"1e3", b"12, 12"):
@@ -346,8 +363,9 @@ def test_body_limits(server: InferenceServer) -> None:
 def test_chunked_and_expect_continue_bodies_are_served(server: InferenceServer) -> None:
     assert server.port is not None
     doc = json.dumps({"inputs": [x_input([1, 2, 3, 4])]}).encode()
-    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(doc[i : i + 7]), doc[i : i + 7]) for i in
-                      range(0, len(doc), 7))
+    chunks = b"".join(
+        b"%x;ext=1\r\n%s\r\n" % (len(doc[i : i + 7]), doc[i : i + 7]) for i in range(0, len(doc), 7)
+    )
     head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     status, _, body = parse_raw_response(raw_exchange(server.port, head + chunks + b"0\r\n\r\n"))
     assert status == 200
@@ -375,6 +393,63 @@ def test_unsupported_encodings_are_refused(server: InferenceServer) -> None:
     assert parse_raw_response(raw_exchange(server.port, b"NONSENSE\r\n\r\n"))[0] == 400
 
 
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"GET /v2 HTTP/2.0\r\n\r\n", 505),
+        (b"GET /v2\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nNo colon here\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nA: b\r\n folded\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+        (b"GET /v2 HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+        (
+            b"POST /v2/repository/index HTTP/1.1\r\nContent-Length: 2\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            400,
+        ),
+        (b"GET /" + b"v" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+)
+def test_malformed_http_is_refused_and_closed(
+    server: InferenceServer, request_head: bytes, status: int
+) -> None:
+    assert server.port is not None
+    got, headers, body = parse_raw_response(raw_exchange(server.port, request_head))
+    assert got == status
+    assert headers["connection"] == "close"
+    assert set(json.loads(body)) == {"error"}
+
+
+def test_connection_header_and_http_1_0(server: InferenceServer) -> None:
+    assert server.port is not None
+    closing = b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n"
+    status, headers, _ = parse_raw_response(raw_exchange(server.port, closing, shut_write=False))
+    assert (status, headers["connection"]) == (200, "close")
+    old = b"GET /v2/health/live HTTP/1.0\r\n\r\n"
+    status, headers, _ = parse_raw_response(raw_exchange(server.port, old, shut_write=False))
+    assert (status, headers["connection"]) == (200, "close")
+    two = b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" * 2
+    replies = raw_exchange(server.port, two)
+    assert replies.count(b"HTTP/1.1 200 OK") == 2
+    conn = connect(server)
+    conn.request("HEAD", "/v2/health/live")
+    response = conn.getresponse()
+    assert response.status == 405
+    assert response.read() == b""
+    assert call(conn, "GET", "/v2/health/live")[0] == 200  # nothing was left on the wire
+    conn.close()
+
+
+def test_a_stalled_body_times_out(host: ModelHost) -> None:
+    with serving(host, timeout_s=0.2) as server:
+        assert server.port is not None
+        head = b"POST /v2/models/add/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"
+        status, _, body = parse_raw_response(raw_exchange(server.port, head, shut_write=False))
+        assert status == 408
+        assert "timed out reading the body" in json.loads(body)["error"]
+
+
 def test_unavailable_model_is_503(host: ModelHost, server: InferenceServer) -> None:
     old = host.mark_unavailable("add", "shed under memory pressure")
     host.drain(old)
@@ -389,8 +464,12 @@ def test_unavailable_model_is_503(host: ModelHost, server: InferenceServer) -> N
     assert status == 400
     assert "add (shed under memory pressure)" in doc["error"]
     status, doc, _ = call(conn, "POST", "/v2/repository/index")
-    assert {"name": "add", "version": "1", "state": "UNAVAILABLE",
-            "reason": "shed under memory pressure"} in doc
+    assert {
+        "name": "add",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "shed under memory pressure",
+    } in doc
     conn.close()
 
 
@@ -399,13 +478,21 @@ def post_in_thread(
 ) -> threading.Thread:
     def run() -> None:
         conn = connect(server)
-        status, doc, _ = call(conn, "POST", "/v2/models/add/infer", body)
-        results.append((status, doc))
-        conn.close()
+        try:
+            status, doc, _ = call(conn, "POST", "/v2/models/add/infer", body)
+            results.append((status, doc))
+        except (OSError, http.client.HTTPException) as exc:
+            results.append((0, exc))
+        finally:
+            conn.close()
 
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
 
 
 def metric_samples(server: InferenceServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -459,9 +546,8 @@ def test_queue_then_429_and_metrics(models: dict[str, LoadedModel]) -> None:
         threads.append(post_in_thread(server, body, results))
         wait_for(lambda: queued.queued == 1)
         samples = metric_samples(server)
-        labels = (("model", "add"), ("version", "1"))
-        assert samples[("edgefleet_model_in_flight", labels)] == 1
-        assert samples[("edgefleet_model_queue_depth", labels)] == 1
+        assert samples[key("edgefleet_model_in_flight", model="add", version="1")] == 1
+        assert samples[key("edgefleet_model_queue_depth", model="add", version="1")] == 1
         conn = connect(server)
         status, doc, _ = call(conn, "POST", "/v2/models/add/infer", body)
         assert status == 429
@@ -472,11 +558,12 @@ def test_queue_then_429_and_metrics(models: dict[str, LoadedModel]) -> None:
             thread.join()
         assert sorted(status for status, _ in results) == [200, 200]
         samples = metric_samples(server)
-        count = samples[("edgefleet_inference_requests_total", (*labels, ("outcome", "success")))]
-        assert count == 2
-        assert samples[("edgefleet_inference_requests_total", (*labels, ("outcome", "overloaded")))] == 1
-        assert samples[("edgefleet_inference_request_duration_seconds_count", labels)] == 2
-        assert samples[("edgefleet_inference_queue_duration_seconds_count", labels)] == 2
+        requests = "edgefleet_inference_requests_total"
+        assert samples[key(requests, model="add", version="1", outcome="success")] == 2
+        assert samples[key(requests, model="add", version="1", outcome="overloaded")] == 1
+        for histogram in ("request", "queue", "compute"):
+            name = f"edgefleet_inference_{histogram}_duration_seconds_count"
+            assert samples[key(name, model="add", version="1")] == 2
 
 
 def test_metrics_count_outcomes_and_state(server: InferenceServer) -> None:
@@ -491,18 +578,18 @@ def test_metrics_count_outcomes_and_state(server: InferenceServer) -> None:
     samples = metric_samples(server)
 
     def requests(model: str, version: str, outcome: str) -> float:
-        key = (("model", model), ("outcome", outcome), ("version", version))
-        return samples.get(("edgefleet_inference_requests_total", key), 0.0)
+        name = "edgefleet_inference_requests_total"
+        return samples.get(key(name, model=model, version=version, outcome=outcome), 0.0)
 
     assert requests("add", "1", "success") == 3
     assert requests("add", "1", "bad_request") == 1
     assert requests("", "", "not_found") == 2  # unknown names do not become labels
-    labels = (("model", "add"), ("version", "1"))
-    assert samples[("edgefleet_inference_request_duration_seconds_count", labels)] == 3
-    assert samples[("edgefleet_inference_compute_duration_seconds_count", labels)] == 3
-    assert samples[("edgefleet_models_loaded", ())] == 3
-    assert samples[("edgefleet_agent_ready", ())] == 1
-    assert samples[("edgefleet_model_state", (*labels, ("state", "active")))] == 1
+    name = "edgefleet_inference_request_duration_seconds"
+    assert samples[key(f"{name}_count", model="add", version="1")] == 3
+    assert samples[key(f"{name}_bucket", model="add", version="1", le="+Inf")] == 3
+    assert samples[key("edgefleet_models_loaded")] == 3
+    assert samples[key("edgefleet_agent_ready")] == 1
+    assert samples[key("edgefleet_model_state", model="add", version="1", state="active")] == 1
     assert ("process_resident_memory_bytes", ()) in samples
     counts = server.metrics.request_counts()
     assert counts["add"]["1"] == {"success": 3, "bad_request": 1}
@@ -632,16 +719,12 @@ def test_stop_gives_up_after_its_timeout(models: dict[str, LoadedModel]) -> None
     server = InferenceServer(host, bind="127.0.0.1:0")
     server.start()
     results: list[tuple[int, Any]] = []
-
-    def post() -> None:
-        try:
-            post_in_thread(server, {"inputs": [x_input([1, 2, 3, 4])]}, results).join()
-        except Exception as exc:
-            results.append((0, exc))
-
-    thread = threading.Thread(target=post)
-    thread.start()
+    client = post_in_thread(server, {"inputs": [x_input([1, 2, 3, 4])]}, results)
     wait_for(lambda: host.table["add"].in_flight == 1)
+    started = time.monotonic()
     assert server.stop(timeout=0.1) is False
+    assert time.monotonic() - started < 2.0
+    client.join()
+    assert results[0][0] == 0  # the connection was cut
     gate.set()
-    thread.join()
+    wait_for(lambda: not server._connections)

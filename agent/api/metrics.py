@@ -142,6 +142,7 @@ class ApiMetrics:
         self._lock = threading.Lock()
         self._host_collector: _HostCollector | None = None
         self._agent_gauges: dict[str, Gauge] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         labels = ["model", "version"]
         self.requests = Counter(
             "edgefleet_inference_requests",
@@ -205,15 +206,30 @@ class ApiMetrics:
     ) -> None:
         """Count one inference request; latencies are observed for successes only."""
         outcome = outcome_of(status)
-        self.requests.labels(model, version, outcome).inc()
+        children = self._children.get((model, version, outcome))
+        if children is None:
+            children = self._children_for(model, version, outcome)
+        counter, request_seconds, queue_seconds, compute_seconds = children
+        counter.inc()
         if outcome != "success":
             return
         if duration_s is not None:
-            self.request_seconds.labels(model, version).observe(duration_s)
+            request_seconds.observe(duration_s)
         if queue_s is not None:
-            self.queue_seconds.labels(model, version).observe(queue_s)
+            queue_seconds.observe(queue_s)
         if compute_s is not None:
-            self.compute_seconds.labels(model, version).observe(compute_s)
+            compute_seconds.observe(compute_s)
+
+    def _children_for(self, model: str, version: str, outcome: str) -> tuple[Any, ...]:
+        """The labelled series of one (model, version, outcome), looked up once."""
+        children = (
+            self.requests.labels(model, version, outcome),
+            self.request_seconds.labels(model, version),
+            self.queue_seconds.labels(model, version),
+            self.compute_seconds.labels(model, version),
+        )
+        self._children[(model, version, outcome)] = children
+        return children
 
     def agent_gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
         """A gauge ``edgefleet_agent_<name>`` for the daemon's own health (created once)."""

@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from importlib import metadata
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import unquote
 
 import numpy as np
@@ -53,6 +53,8 @@ EXTENSIONS = ("binary_tensor_data", "model_repository")
 _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?/?$")
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 _SMALL_WRITE = 64 * 1024
+_MAX_LINE = 65536
+_MAX_FIELDS = 100
 
 
 def _agent_version() -> str:
@@ -121,13 +123,33 @@ class _BodyError(Exception):
 class _Connection:
     """One accepted socket and whether it is between requests (and may be closed)."""
 
-    __slots__ = ("address", "busy", "closing", "sock")
+    __slots__ = ("address", "busy", "closing", "linger", "sock")
 
     def __init__(self, sock: socket.socket, address: Any) -> None:
         self.sock = sock
         self.address = address
         self.busy = False
         self.closing = False
+        self.linger = False
+        """A body was left unread: drain it before closing, so the client sees the answer."""
+
+
+def _drain_and_close(sock: socket.socket, *, limit: int = 64 << 20, seconds: float = 2.0) -> None:
+    """Close after an answer sent with the body unread: half-close, then read and drop what
+    the client still sends (bounded), so it reads the answer rather than a reset."""
+    deadline = time.monotonic() + seconds
+    dropped = 0
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        while dropped < limit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            dropped += len(chunk)
 
 
 def _error_of(exc: BaseException) -> tuple[int, str]:
@@ -154,6 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.has_body = False
         self.body_read = False
         self.expect_continue = False
+        self.fields: dict[str, str] = {}
         super().__init__(conn.sock, conn.address, cast(Any, app))
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -175,27 +198,74 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             self.started = time.perf_counter()
+            self.command = ""
             self.has_body = self.body_read = self.expect_continue = False
             if len(self.raw_requestline) > 65536:
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
             if not self.parse_request():
                 return
-            encoding = self.headers.get("Transfer-Encoding")
-            length = self.headers.get("Content-Length")
+            encoding = self.fields.get("transfer-encoding")
+            length = self.fields.get("content-length")
             self.has_body = encoding is not None or (length is not None and length.strip() != "0")
             self._dispatch()
         finally:
             if self.app._end(self.conn):
                 self.close_connection = True
 
-    def handle_expect_100(self) -> bool:
-        """Defer ``100 Continue`` until the body is wanted (a refusal is sent without it)."""
-        self.expect_continue = True
+    def parse_request(self) -> bool:
+        """Parse the request line and header fields (a strict, small replacement for the
+        standard library's email-based parser: about 2 us instead of 19 us a request).
+
+        Field names are lower-cased into :attr:`fields`; repeated fields are joined with
+        ", " (so two Content-Length fields are refused as not a number); obsolete line
+        folding is refused. ``Expect: 100-continue`` is remembered and answered only when
+        the body is wanted, so a refusal goes out without it.
+        """
+        self.command = ""
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, f"bad request line {self.requestline[:80]!r}")
+            return False
+        command, path, version = words
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            self.send_error(505, f"{version} is not supported")
+            return False
+        fields: dict[str, str] = {}
+        for _ in range(_MAX_FIELDS):
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                self.send_error(431, "a header field is too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[:1] in b" \t" or name[-1:] in b" \t":
+                self.send_error(400, f"malformed header field {bytes(line[:80])!r}")
+                return False
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1").strip()
+            fields[key] = f"{fields[key]}, {text}" if key in fields else text
+        else:
+            self.send_error(431, f"more than {_MAX_FIELDS} header fields")
+            return False
+        self.command, self.path, self.request_version = command, path, version
+        self.fields = fields
+        tokens = {t.strip() for t in fields.get("connection", "").lower().split(",")}
+        if "close" in tokens:
+            self.close_connection = True
+        else:
+            self.close_connection = version == "HTTP/1.0" and "keep-alive" not in tokens
+        if version == "HTTP/1.1" and fields.get("expect", "").lower() == "100-continue":
+            self.expect_continue = True
         return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        self.close_connection = True
+        """Answer a request that could not be parsed, then close (draining what is left)."""
+        self.close_connection = self.conn.linger = True
         text = message or HTTPStatus(code).phrase
         self._reply(code, oip.error_body(text))
 
@@ -210,7 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers: Iterable[tuple[str, str]] = (),
         buffers: Sequence[memoryview] = (),
     ) -> None:
-        if (self.has_body and not self.body_read) or self.app._stopping:
+        if self.has_body and not self.body_read:
+            self.close_connection = self.conn.linger = True
+        if self.app._stopping:
             self.close_connection = True
         extra = sum(len(b) for b in buffers)
         lines = [
@@ -222,7 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if extra <= _SMALL_WRITE:
+        if self.command == "HEAD":  # the length is announced, the body never sent
+            self.wfile.write(head)
+        elif extra <= _SMALL_WRITE:
             self.wfile.write(b"".join([head, body, *buffers]))
         else:
             self.wfile.write(head + body)
@@ -238,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- request bodies --
 
     def _content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
+        value = self.fields.get("content-length")
         if value is None:
             return None
         value = value.strip()
@@ -304,7 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _chunked(self) -> bool:
-        encoding = self.headers.get("Transfer-Encoding")
+        encoding = self.fields.get("transfer-encoding")
         if encoding is None:
             return False
         if encoding.strip().lower() != "chunked":
@@ -312,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _check_encoding(self) -> None:
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+        encoding = self.fields.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise _BodyError(415, f"Content-Encoding {encoding!r} is not supported")
 
@@ -335,7 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_infer_body(self) -> tuple[bytes | bytearray, memoryview]:
         """The JSON header and the binary section after it (read into aligned memory)."""
         self._check_encoding()
-        value = self.headers.get("Inference-Header-Content-Length")
+        value = self.fields.get("inference-header-content-length")
         header_length: int | None = None
         if value is not None:
             value = value.strip()
@@ -374,23 +448,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes --
 
+    _FIXED_ROUTES: ClassVar[dict[str, tuple[str, str]]] = {
+        "/v2": ("GET", "_server_metadata"),
+        "/v2/health/live": ("GET", "_live"),
+        "/v2/health/ready": ("GET", "_ready"),
+        "/v2/repository/index": ("POST", "_repository_index"),
+        "/metrics": ("GET", "_metrics"),
+    }
+
     def _dispatch(self) -> None:
         path = self.path.partition("?")[0]
         method = self.command
-        fixed: dict[str, tuple[str, Callable[[], None]]] = {
-            "/v2": ("GET", self._server_metadata),
-            "/v2/health/live": ("GET", self._live),
-            "/v2/health/ready": ("GET", self._ready),
-            "/v2/repository/index": ("POST", self._repository_index),
-            "/metrics": ("GET", self._metrics),
-        }
-        route = fixed.get(path.rstrip("/") or "/")
+        route = self._FIXED_ROUTES.get(path.rstrip("/") or "/")
         if route is not None:
             allowed, action = route
             if method != allowed:
                 self._method_not_allowed(allowed)
                 return
-            action()
+            getattr(self, action)()
             return
         match = _MODEL_ROUTE.match(path)
         if match is None:
@@ -443,7 +518,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             ready_only = oip.parse_index_request(self._read_body())
         except (_BodyError, oip.ProtocolError) as exc:
-            self._fail(exc)
+            self._error(*self._failure(exc))
             return
         entries = self.app.repository()
         self._json(200, [e.to_dict() for e in entries if not ready_only or e.state == "READY"])
@@ -480,8 +555,8 @@ class _Handler(BaseHTTPRequestHandler):
             reason = slot.reason or slot.state
             self._json(400, {"name": name, "ready": False, "error": reason})
 
-    def _fail(self, exc: BaseException, version: str | None = None) -> int:
-        """Answer an error (``version``: the one the request named); the status it had."""
+    def _failure(self, exc: BaseException, version: str | None = None) -> tuple[int, str]:
+        """The status and message that answer ``exc`` (``version``: the one asked for)."""
         if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
             raise exc  # the client went away: nothing to answer
         status, message = _error_of(exc)
@@ -489,8 +564,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         if status == 404 and isinstance(exc, ModelNotFound):
             message = self._not_found(exc.model, version)
-        self._error(status, message)
-        return status
+        return status, message
 
     def _infer(self, name: str, version: str | None) -> None:
         app = self.app
@@ -514,19 +588,14 @@ class _Handler(BaseHTTPRequestHandler):
                 outputs=[(n, values[n], request.output_binary(n)) for n in names],
             )
         except Exception as exc:
-            status = self._fail(exc, version)
+            status, message = self._failure(exc, version)
             app.metrics.record(*app._labels(name, served), status)
+            self._error(status, message)
             return
         headers = []
         if encoded.binary:
             headers.append(("Inference-Header-Content-Length", str(len(encoded.json))))
-        self._reply(
-            200,
-            encoded.json,
-            content_type=encoded.content_type,
-            headers=headers,
-            buffers=encoded.buffers,
-        )
+        # Counted before the answer is sent, so a client that has its answer sees it counted.
         app.metrics.record(
             name,
             served or "",
@@ -534,6 +603,13 @@ class _Handler(BaseHTTPRequestHandler):
             duration_s=time.perf_counter() - self.started,
             queue_s=running - waited,
             compute_s=done - running,
+        )
+        self._reply(
+            200,
+            encoded.json,
+            content_type=encoded.content_type,
+            headers=headers,
+            buffers=encoded.buffers,
         )
 
 
@@ -661,8 +737,11 @@ class InferenceServer:
                     break
                 self._idle.wait(remaining)
             threads = list(self._connections.values())
+        # Threads whose socket was shut end at once; one still inside session.run ends when
+        # the run does (it is a daemon thread): wait for it a little, not for ever.
+        grace = time.monotonic() + (5.0 if drained else 0.5)
         for thread in threads:
-            thread.join(5.0)
+            thread.join(max(grace - time.monotonic(), 0.0))
         return drained
 
     def __enter__(self) -> InferenceServer:
@@ -692,49 +771,94 @@ class InferenceServer:
     def _accept_loop(self) -> None:
         listener, wake = self._listener, self._wake_r
         assert listener is not None and wake is not None
+        lingering: dict[socket.socket, float] = {}
         with selectors.DefaultSelector() as selector:
             selector.register(listener, selectors.EVENT_READ)
             selector.register(wake, selectors.EVENT_READ)
             while True:
-                for key, _ in selector.select():
+                now = time.monotonic()
+                for sock in [s for s, deadline in lingering.items() if deadline <= now]:
+                    selector.unregister(sock)
+                    sock.close()
+                    del lingering[sock]
+                timeout = max(min(lingering.values()) - now, 0.0) if lingering else None
+                for key, _ in selector.select(timeout):
                     if key.fileobj is wake:
+                        for sock in lingering:
+                            sock.close()
                         return
+                    if key.fileobj is listener:
+                        self._accept(listener, selector, lingering)
+                        continue
+                    sock = cast(socket.socket, key.fileobj)
                     try:
-                        sock, address = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:  # e.g. EMFILE: back off a little
-                        logger.warning("inference API: accept failed: %s", exc)
-                        time.sleep(0.05)
-                        continue
-                    self._admit(sock, address)
+                        more = sock.recv(65536)
+                    except OSError:
+                        more = b""
+                    if not more:
+                        selector.unregister(sock)
+                        sock.close()
+                        del lingering[sock]
 
-    def _admit(self, sock: socket.socket, address: Any) -> None:
-        sock.setblocking(True)
-        with self._lock:
-            if not self._stopping and len(self._connections) < self.max_connections:
-                conn = _Connection(sock, address)
-                self._count += 1
-                thread = threading.Thread(
-                    target=self._serve,
-                    args=(conn,),
-                    name=f"edgefleet-api-{self._count}",
-                    daemon=True,
-                )
-                self._connections[conn] = thread
-                thread.start()
-                return
+    def _accept(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        lingering: dict[socket.socket, float],
+    ) -> None:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. EMFILE: back off a little
+            logger.warning("inference API: accept failed: %s", exc)
+            time.sleep(0.05)
+            return
+        if self._admit(sock, address):
+            return
+        # Refused: answer 503 at once, then read and drop what the client sends for up to a
+        # second (no thread), so it reads the answer rather than a connection reset.
         self.metrics.connections_refused.inc()
-        body = oip.error_body(f"too many connections (the limit is {self.max_connections})")
+        reason = (
+            "the server is stopping"
+            if self._stopping
+            else f"too many connections (the limit is {self.max_connections})"
+        )
+        body = oip.error_body(reason)
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
         )
-        with contextlib.suppress(OSError):
+        try:
             sock.setblocking(False)
             sock.send(head.encode("latin-1") + body)
             sock.shutdown(socket.SHUT_WR)
-        sock.close()
+        except OSError:
+            sock.close()
+            return
+        if len(lingering) >= 64:
+            sock.close()
+            return
+        lingering[sock] = time.monotonic() + 1.0
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _admit(self, sock: socket.socket, address: Any) -> bool:
+        """Start a thread for the connection; False when over the limit or stopping."""
+        with self._lock:
+            if self._stopping or len(self._connections) >= self.max_connections:
+                return False
+            sock.setblocking(True)
+            conn = _Connection(sock, address)
+            self._count += 1
+            thread = threading.Thread(
+                target=self._serve,
+                args=(conn,),
+                name=f"edgefleet-api-{self._count}",
+                daemon=True,
+            )
+            self._connections[conn] = thread
+            thread.start()
+            return True
 
     def _serve(self, conn: _Connection) -> None:
         try:
@@ -748,6 +872,8 @@ class InferenceServer:
         except Exception:
             logger.exception("inference API: connection failed")
         finally:
+            if conn.linger and not conn.closing:
+                _drain_and_close(conn.sock)
             conn.sock.close()
             with self._lock:
                 del self._connections[conn]

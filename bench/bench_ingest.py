@@ -1,0 +1,357 @@
+"""Ingest benchmark: the hub's ingest against a bare paho subscriber, in one run.
+
+N simulated devices publish a status, a birth and then telemetry at QoS 1 from P publisher
+processes into a private mosquitto (``max_queued_messages 0``, ``sys_interval 1``). The same
+messages (new session numbers each phase) are received twice:
+
+1. by a bare paho subscriber that only counts them (the baseline), then
+2. by the hub ingest (``hub.ingest.Ingest``), which decodes, validates and writes them to a
+   real SQLite store.
+
+Each phase's rate is messages / seconds from the publishers' start to the last message
+counted (baseline) or committed to the store (ingest). The report gives both rates, their
+ratio (target: at least 0.7), and the loss checks: telemetry rows in the store against
+telemetry sent, and the broker's ``$SYS/broker/publish/messages/dropped`` (expected 0).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_ingest.py [--devices 200] [--messages 20000]
+        [--publishers 3] [--rounds 1] [--protocol 5|3.1.1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from contract.messages import encode, topic_for
+from hub.broker import MosquittoBroker
+from hub.config import HubConfig
+from hub.ingest import SYS_DROPPED_TOPIC, Ingest
+from hub.store import Store
+from tests.support import hub_samples
+
+TARGET_RATIO = 0.7
+UP_ALL = "edgefleet/v1/dev/+/up/#"
+
+
+def _client(client_id: str, protocol: str) -> mqtt.Client:
+    return mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311,
+    )
+
+
+def _publisher(
+    index: int,
+    host: str,
+    port: int,
+    protocol: str,
+    devices: list[str],
+    telemetry_per_device: list[int],
+    session: int,
+    start: MpEvent,
+    done: Any,
+) -> None:
+    """One publisher process: greet each device, then send its telemetry round robin."""
+    payloads: list[tuple[str, bytes]] = []
+    for device_id in devices:
+        for msg in (
+            hub_samples.status(device_id, session, 0),
+            hub_samples.birth(device_id, session, 1),
+        ):
+            payloads.append((topic_for(msg), encode(msg)))
+    counts = dict(zip(devices, telemetry_per_device, strict=True))
+    seq = dict.fromkeys(devices, 2)
+    remaining = sum(counts.values())
+    while remaining:
+        for device_id in devices:
+            if counts[device_id] == 0:
+                continue
+            msg = hub_samples.telemetry(device_id, session, seq[device_id])
+            payloads.append((topic_for(msg), encode(msg)))
+            seq[device_id] += 1
+            counts[device_id] -= 1
+            remaining -= 1
+    client = _client(f"bench-pub-{index}-{session}", protocol)
+    client.max_queued_messages_set(0)
+    client.connect(host, port)
+    client.loop_start()
+    start.wait()
+    began = time.monotonic()
+    last = None
+    for topic, payload in payloads:
+        last = client.publish(topic, payload, qos=1)
+    if last is not None:
+        last.wait_for_publish(300)
+    done.put((index, len(payloads), time.monotonic() - began))
+    client.disconnect()
+    client.loop_stop()
+
+
+@dataclass
+class Phase:
+    name: str
+    messages: int
+    seconds: float
+    rate: float
+    publish_seconds: float
+    broker_dropped: float
+
+
+def _split(devices: list[str], messages: int, publishers: int) -> list[tuple[list[str], list[int]]]:
+    per_device = [messages // len(devices)] * len(devices)
+    for i in range(messages - sum(per_device)):
+        per_device[i] += 1
+    shares: list[tuple[list[str], list[int]]] = []
+    for p in range(publishers):
+        shares.append((devices[p::publishers], per_device[p::publishers]))
+    return shares
+
+
+def _run_publishers(
+    broker: MosquittoBroker,
+    protocol: str,
+    shares: list[tuple[list[str], list[int]]],
+    session: int,
+    counted: Callable[[], int],
+    total: int,
+    timeout: float,
+) -> tuple[float, float]:
+    """Start the publishers together; return (seconds until ``counted() >= total``,
+    slowest publisher's own seconds)."""
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    done: Any = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_publisher,
+            args=(i, broker.host, broker.port, protocol, devs, counts, session, start, done),
+            daemon=True,
+        )
+        for i, (devs, counts) in enumerate(shares)
+    ]
+    for proc in procs:
+        proc.start()
+    time.sleep(3.0)  # let every publisher build its payloads and connect
+    began = time.monotonic()
+    start.set()
+    deadline = began + timeout
+    while counted() < total and time.monotonic() < deadline:
+        time.sleep(0.005)
+    elapsed = time.monotonic() - began
+    publish_seconds = 0.0
+    for _ in procs:
+        _, _, seconds = done.get(timeout=timeout)
+        publish_seconds = max(publish_seconds, seconds)
+    for proc in procs:
+        proc.join(10)
+    return elapsed, publish_seconds
+
+
+class _SysDropped:
+    """Reads the broker's dropped-messages counter."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.value = -1.0
+        self.client = _client("bench-sys", "5")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(SYS_DROPPED_TOPIC, 0)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.value = float(message.payload.decode())
+
+    def read(self, wait: float = 2.5) -> float:
+        time.sleep(wait)  # sys_interval is 1 s
+        return self.value
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def baseline_phase(
+    broker: MosquittoBroker, protocol: str, shares: list[Any], session: int, total: int
+) -> Phase:
+    """A bare paho subscriber that counts what it receives."""
+    lock = threading.Lock()
+    count = [0]
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with lock:
+            count[0] += 1
+
+    sub = _client(f"bench-sub-{session}", protocol)
+    sub.on_message = on_message
+    sub.connect(broker.host, broker.port)
+    sub.subscribe(UP_ALL, 1)
+    sub.loop_start()
+    time.sleep(0.5)
+    sys_dropped = _SysDropped(broker)
+    try:
+        seconds, publish_seconds = _run_publishers(
+            broker, protocol, shares, session, lambda: count[0], total, 300
+        )
+        dropped = sys_dropped.read()
+    finally:
+        sys_dropped.close()
+        sub.disconnect()
+        sub.loop_stop()
+    return Phase("bare subscriber", count[0], seconds, count[0] / seconds, publish_seconds, dropped)
+
+
+def ingest_phase(
+    broker: MosquittoBroker,
+    protocol: str,
+    shares: list[Any],
+    session: int,
+    total: int,
+    workdir: Path,
+) -> tuple[Phase, dict[str, float]]:
+    """The hub ingest writing to a SQLite store."""
+    config = HubConfig.model_validate(
+        {
+            "hub_id": f"bench-{session}",
+            "broker": {
+                "url": broker.url,
+                "protocol": protocol,
+                "shared_group": "hub" if protocol == "5" else "",
+                "session_expiry_s": 0,
+            },
+            "api": {"token": "x" * 32, "token_file": None},
+        }
+    )
+    store = Store(workdir / f"hub-{session}.db")
+    ingest = Ingest(config, store)
+    ingest.start()
+    metrics = ingest.metrics
+
+    def stored() -> int:
+        return int(sum(metrics.stored(k) for k in ("telemetry", "birth", "status")))
+
+    try:
+        time.sleep(0.5)
+        seconds, publish_seconds = _run_publishers(
+            broker, protocol, shares, session, stored, total, 300
+        )
+        time.sleep(2.5)  # one more $SYS update
+        ingest.flush(30)
+        checks = {
+            "telemetry_rows": float(store.count_telemetry()),
+            "devices": float(store.count_devices()),
+            "duplicates": metrics.value("edgefleet_hub_ingest_duplicates_total", kind="telemetry"),
+            "dropped_by_hub": sum(
+                s.value
+                for s in metrics.registry.collect()
+                for s in s.samples
+                if s.name == "edgefleet_hub_ingest_dropped_total"
+            ),
+            "seq_gaps": metrics.value("edgefleet_hub_ingest_seq_gaps_total"),
+            "batches": metrics.value("edgefleet_hub_ingest_batch_size_count"),
+        }
+        count = stored()
+        dropped = metrics.value("edgefleet_hub_broker_messages_dropped")
+    finally:
+        ingest.stop()
+        store.close()
+    phase = Phase("hub ingest", count, seconds, count / seconds, publish_seconds, dropped)
+    return phase, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--messages", type=int, default=20_000, help="telemetry messages")
+    parser.add_argument("--publishers", type=int, default=3, choices=range(1, 9))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    devices = [f"bench-{i:05d}" for i in range(args.devices)]
+    shares = _split(devices, args.messages, args.publishers)
+    total = args.messages + 2 * args.devices  # telemetry + status + birth per device
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        with MosquittoBroker(workdir=workdir / "broker") as broker:
+            for round_no in range(args.rounds):
+                base = baseline_phase(broker, args.protocol, shares, 2 * round_no + 1, total)
+                hub, checks = ingest_phase(
+                    broker, args.protocol, shares, 2 * round_no + 2, total, workdir
+                )
+                results.append(
+                    {
+                        "baseline": asdict(base),
+                        "ingest": asdict(hub),
+                        "ratio": hub.rate / base.rate,
+                        "checks": checks,
+                        "lossless": (
+                            checks["telemetry_rows"] == args.messages
+                            and checks["devices"] == args.devices
+                            and base.messages == total
+                            and hub.messages == total
+                            and hub.broker_dropped == 0
+                            and base.broker_dropped == 0
+                        ),
+                    }
+                )
+    ratios = [r["ratio"] for r in results]
+    summary = {
+        "devices": args.devices,
+        "telemetry_messages": args.messages,
+        "messages_per_phase": total,
+        "publishers": args.publishers,
+        "protocol": args.protocol,
+        "rounds": results,
+        "ratio_median": statistics.median(ratios),
+        "target_ratio": TARGET_RATIO,
+        "lossless": all(r["lossless"] for r in results),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{args.devices} devices, {total} messages per phase "
+            f"({args.messages} telemetry), {args.publishers} publishers, QoS 1, "
+            f"MQTT {args.protocol}"
+        )
+        for i, r in enumerate(results, 1):
+            b, h, c = r["baseline"], r["ingest"], r["checks"]
+            print(
+                f"round {i}: bare subscriber {b['rate']:8.0f} msg/s ({b['messages']} in "
+                f"{b['seconds']:.2f}s) | hub ingest {h['rate']:8.0f} msg/s ({h['messages']} in "
+                f"{h['seconds']:.2f}s) | ratio {r['ratio']:.2f}"
+            )
+            print(
+                f"         store: {c['telemetry_rows']:.0f}/{args.messages} telemetry rows, "
+                f"{c['devices']:.0f}/{args.devices} devices, {c['batches']:.0f} batches, "
+                f"duplicates {c['duplicates']:.0f}, hub drops {c['dropped_by_hub']:.0f}, "
+                f"seq gaps {c['seq_gaps']:.0f}; broker dropped: baseline "
+                f"{b['broker_dropped']:.0f}, ingest {h['broker_dropped']:.0f}"
+            )
+        verdict = "meets" if summary["ratio_median"] >= TARGET_RATIO else "misses"
+        print(
+            f"ratio (median) {summary['ratio_median']:.2f}: {verdict} the target "
+            f"{TARGET_RATIO}; lossless: {summary['lossless']}"
+        )
+    return 0 if summary["lossless"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
