@@ -19,6 +19,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import sdnotify
+from agent.api import ApiMetrics, InferenceServer, Readiness, RepositoryEntry
 from agent.apply import Applier
 from agent.cache import ArtifactCache
 from agent.config import AgentConfig, hub_public_keys
@@ -520,6 +521,26 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
-def make_api(agent: Agent) -> Any:
-    """The local inference API for ``agent`` (see agent/api)."""
-    return None
+def make_api(agent: Agent) -> InferenceServer:
+    """The local inference API for ``agent``, on the configured bind."""
+
+    def readiness() -> Readiness:
+        ready, reason = agent.applier.ready()
+        return Readiness(ready, None if ready else reason)
+
+    def repository() -> list[RepositoryEntry]:
+        entries = []
+        for report in agent.applier.model_reports():
+            loading = agent.applier.status.phase in ("staging", "loading")
+            state = "READY" if report.ready else ("LOADING" if loading else "UNAVAILABLE")
+            entries.append(RepositoryEntry(report.name, report.version, state, report.reason or ""))
+        return entries
+
+    return InferenceServer(
+        agent.host,
+        bind=agent.config.api.bind,
+        max_body_bytes=agent.config.api.max_body_bytes,
+        readiness=readiness,
+        repository=repository,
+        metrics=ApiMetrics(),
+    )

@@ -25,6 +25,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+
+from agent.faults import FAULT_ENV, POINTS
+from agent.state import AgentState
+from contract.manifests import ModelSpec
+from contract.messages import Birth, Cmd, Event, State, Telemetry, encode
+from contract.signing import SigningKey
+from contract.topics import Kind, down_topic
+from hub.broker import MosquittoBroker
 from support.agent_process import agent_process, cli
 from support.fleet import (
     OCR_HINTS,
@@ -39,14 +47,6 @@ from support.fleet import (
     spec_for,
 )
 from support.http_server import ArtifactServer
-
-from agent.faults import FAULT_ENV, POINTS
-from agent.state import AgentState
-from contract.manifests import ModelSpec
-from contract.messages import Birth, Cmd, Event, State, Telemetry, encode
-from contract.signing import SigningKey
-from contract.topics import Kind, down_topic
-from hub.broker import MosquittoBroker
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+
+from agent.config import load_config
+from agent.daemon import Agent
+from contract.manifests import ModelRuntime, RuntimePolicy
+from contract.messages import Birth, Event, State, Status, Telemetry
+from contract.signing import SigningKey
+from hub.broker import MosquittoBroker
 from support.fleet import (
     Tap,
     agent_toml,
@@ -24,13 +31,6 @@ from support.fleet import (
     spec_for,
 )
 from support.http_server import ArtifactServer, Fault
-
-from agent.config import load_config
-from agent.daemon import Agent
-from contract.manifests import ModelRuntime, RuntimePolicy
-from contract.messages import Birth, Event, State, Status, Telemetry
-from contract.signing import SigningKey
-from hub.broker import MosquittoBroker
 
 DEVICE = "e2e-dev-1"
 

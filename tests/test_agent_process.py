@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.agent_process import agent_process, cli
-from support.fleet import Tap, agent_toml, desired_state, mqtt_tap, ocr_specs, sha256_of, signed
-from support.http_server import ArtifactServer, Fault
 
 from contract.messages import Birth, State, Status
 from contract.signing import SigningKey
 from hub.broker import MosquittoBroker
+from support.agent_process import agent_process, cli
+from support.fleet import Tap, agent_toml, desired_state, mqtt_tap, ocr_specs, sha256_of, signed
+from support.http_server import ArtifactServer, Fault
 
 pytestmark = pytest.mark.slow
 

@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 from prometheus_client.parser import text_string_to_metric_families
+
+from agent.api import ApiMetrics, InferenceServer, Readiness, RepositoryEntry
+from agent.api.server import parse_bind
+from agent.host import LoadedModel, ModelHost
 from support.inference import (
     GatedSession,
     UnixHTTPConnection,
@@ -30,10 +34,6 @@ from support.inference import (
     save_identity_model,
     slot,
 )
-
-from agent.api import ApiMetrics, InferenceServer, Readiness, RepositoryEntry
-from agent.api.server import parse_bind
-from agent.host import LoadedModel, ModelHost
 
 LIMIT = 64 * 1024
 
@@ -107,6 +107,7 @@ def x_input(values: list[float], shape: list[int] | None = None) -> dict[str, An
 
 
 def test_health_metadata_and_index(server: InferenceServer) -> None:
+    assert server.address == f"127.0.0.1:{server.port}"
     conn = connect(server)
     assert call(conn, "GET", "/v2/health/live")[:2] == (200, {"live": True})
     assert call(conn, "GET", "/v2/health/ready")[:2] == (200, {"ready": True})
@@ -355,7 +356,7 @@ def test_body_limits(server: InferenceServer) -> None:
     status, _, body = parse_raw_response(raw_exchange(server.port, head % (len(doc) + 10) + doc))
     assert status == 400
     assert f"the body ended after {len(doc)} of {len(doc) + 10} bytes" in json.loads(body)["error"]
-    for bad in (b"-5", b"1e3", b"12, 12"):
+    for bad in (b"-5", b"1e3", b"12, 12", "\u00b2".encode("latin-1")):
         request = b"POST /v2/models/add/infer HTTP/1.1\r\nContent-Length: " + bad + b"\r\n\r\n"
         assert parse_raw_response(raw_exchange(server.port, request))[0] == 400
 
@@ -429,7 +430,7 @@ def test_connection_header_and_http_1_0(server: InferenceServer) -> None:
     old = b"GET /v2/health/live HTTP/1.0\r\n\r\n"
     status, headers, _ = parse_raw_response(raw_exchange(server.port, old, shut_write=False))
     assert (status, headers["connection"]) == (200, "close")
-    two = b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" * 2
+    two = b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\r\n" * 2
     replies = raw_exchange(server.port, two)
     assert replies.count(b"HTTP/1.1 200 OK") == 2
     conn = connect(server)
@@ -641,6 +642,10 @@ def test_bind_forms() -> None:
     for bad in ("127.0.0.1", "host:http", "h:70000", "unix:"):
         with pytest.raises(ValueError):
             parse_bind(bad)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        InferenceServer(ModelHost(), max_body_bytes=0)
+    with pytest.raises(ValueError, match="max_connections"):
+        InferenceServer(ModelHost(), max_connections=0)
 
 
 def test_connection_limit_bounds_threads(host: ModelHost) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from agent.api import InferenceServer
+from agent.host import LoadedModel, ModelHost, Slot
 from support.inference import (
     GatedSession,
     binary_request,
@@ -21,9 +24,6 @@ from support.inference import (
     save_add_model,
     slot,
 )
-
-from agent.api import InferenceServer
-from agent.host import LoadedModel, ModelHost, Slot
 
 WIDTH = 2048
 

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from support.inference import OCR_HINTS, load_ocr, slot
 from tritonclient.utils import InferenceServerException
 
 from agent.api import InferenceServer
 from agent.host import LoadedModel, ModelHost
+from support.inference import OCR_HINTS, load_ocr, slot
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.http_server import ArtifactServer, Fault
 
 from agent.cache import ArtifactCache
 from agent.errors import (
@@ -29,6 +28,7 @@ from agent.errors import (
 )
 from agent.fetch import RetryPolicy, UrlFetcher
 from contract.manifests import Artifact
+from support.http_server import ArtifactServer, Fault
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 300_000

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.http_server import ArtifactServer, Fault
 
 from agent.errors import (
     ArtifactTooLarge,
@@ -20,6 +19,7 @@ from agent.errors import (
     StorageFull,
 )
 from agent.fetch import Fetcher, RetryPolicy, UrlFetcher
+from support.http_server import ArtifactServer, Fault
 
 SIZE = 300_000
 TIMEOUT = 5.0

@@ -1,15 +1,16 @@
 """The local inference API over HTTP/1.1: the standard library's request handler, one thread
 per connection up to a limit, keep-alive, Nagle off.
 
-    server = InferenceServer(host, bind="127.0.0.1:8501", max_body_bytes=64 << 20,
+    server = InferenceServer(host, bind="127.0.0.1:8501", max_body_bytes=16 << 20,
                              readiness=..., repository=..., metrics=ApiMetrics())
     server.start()
     ...
     server.stop(timeout=10.0)   # stop accepting, finish in-flight requests, close
 
 Why this shape, and not ThreadingHTTPServer or a framework: docs/decisions/0005. The
-protocol (routes, JSON, binary tensors) is :mod:`agent.api.oip`; this module only moves
-bytes, maps errors to statuses and feeds :class:`~agent.api.metrics.ApiMetrics`.
+protocol's tensors and documents (JSON, binary) are :mod:`agent.api.oip`; this module
+routes, reads bodies within the limit, maps errors to statuses and feeds
+:class:`~agent.api.metrics.ApiMetrics`.
 
 Connections beyond ``max_connections`` are answered 503 and closed by the accepting
 thread, so a flood of clients cannot create threads. A connection idle for ``timeout_s``
@@ -46,7 +47,7 @@ from agent.host import ModelHost
 logger = logging.getLogger(__name__)
 
 DEFAULT_BIND = "127.0.0.1:8501"
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 SERVER_NAME = "edgefleet-agent"
 EXTENSIONS = ("binary_tensor_data", "model_repository")
 
@@ -134,6 +135,11 @@ class _Connection:
         """A body was left unread: drain it before closing, so the client sees the answer."""
 
 
+def _is_count(text: str) -> bool:
+    """ASCII decimal digits of a 64-bit count ("²" is a digit to str.isdigit, not to int)."""
+    return text.isascii() and text.isdigit() and len(text) <= 19
+
+
 def _drain_and_close(sock: socket.socket, *, limit: int = 64 << 20, seconds: float = 2.0) -> None:
     """Close after an answer sent with the body unread: half-close, then read and drop what
     the client still sends (bounded), so it reads the answer rather than a reset."""
@@ -190,6 +196,8 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         try:
             self.raw_requestline = self.rfile.readline(65537)
+            if self.raw_requestline in (b"\r\n", b"\n"):  # a stray line end: skip one
+                self.raw_requestline = self.rfile.readline(65537)
         except OSError:  # idle timeout, or closed by stop()
             self.close_connection = True
             return
@@ -316,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         if value is None:
             return None
         value = value.strip()
-        if not value.isdigit() or len(value) > 19:
+        if not _is_count(value):
             raise _BodyError(400, f"Content-Length {value!r} is not a byte count")
         return int(value)
 
@@ -413,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
         header_length: int | None = None
         if value is not None:
             value = value.strip()
-            if not value.isdigit() or len(value) > 19:
+            if not _is_count(value):
                 raise _BodyError(400, f"Inference-Header-Content-Length {value!r} is not a count")
             header_length = int(value)
         if self._chunked():

@@ -27,7 +27,7 @@ from contract.manifests import (
 from contract.messages import Desired, DesiredState, Message, decode_for_topic, encode
 from contract.signing import SigningKey
 from contract.topics import Kind, down_topic, parse_topic
-from hub.broker import MosquittoBroker
+from hub.broker import MosquittoBroker, free_port
 
 OCR_HINTS = {
     "det": {"x": [1, 3, 320, 320]},
@@ -137,8 +137,7 @@ def agent_toml(
         "[labels]",
         *[f'{k} = "{v}"' for k, v in (labels or {}).items()],
     ]
-    if api_bind:
-        lines += ["", "[api]", f'bind = "{api_bind}"']
+    lines += ["", "[api]", f'bind = "{api_bind or f"127.0.0.1:{free_port()}"}"']
     return "\n".join(lines) + "\n"
 
 
