@@ -252,7 +252,7 @@ class Applier:
 
     def _plan(self, desired: DesiredState) -> Plan:
         plan = select(desired.models, self._profile, self._facts_for_planning())
-        if not plan.chosen:
+        if desired.models and not plan.chosen:
             reasons = "; ".join(s.message for s in plan.skipped)
             raise _Failure("nothing_fits", f"no model fits this device: {reasons}")
         return plan

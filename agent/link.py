@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger(__name__)
 
 NOT_AUTHORIZED_CODES = frozenset({0x86, 0x87})
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
 STABLE_AFTER_S = 10.0
 """A connection that lasted this long resets the backoff; a shorter one does not, so two
 agents with the same client id (each connect drops the other) back off instead of looping."""
@@ -152,6 +153,8 @@ class MqttLink:
         self._stable_after = stable_after
         self.counters = LinkCounters()
         self.session = 0
+        self.protocol = settings.protocol
+        """The protocol spoken: the configured one, or 3.1.1 after a broker refused MQTT 5."""
         self._stop = threading.Event()
         self._final: list[Publication] = []
         self._connected = threading.Event()
@@ -190,7 +193,7 @@ class MqttLink:
         return True
 
     def _properties(self, publication: Publication) -> Properties | None:
-        if publication.correlation_data is None or self.settings.protocol != "5":
+        if publication.correlation_data is None or self.protocol != "5":
             return None
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.CorrelationData = publication.correlation_data
@@ -220,7 +223,7 @@ class MqttLink:
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        v5 = s.protocol == "5"
+        v5 = self.protocol == "5"
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
@@ -336,7 +339,7 @@ class MqttLink:
         self._connack = None
         self._lost = False
         try:
-            if s.protocol == "5":
+            if self.protocol == "5":
                 self._client.connect(s.host, s.port, s.keepalive, clean_start=True)
             else:
                 self._client.connect(s.host, s.port, s.keepalive)
@@ -364,6 +367,11 @@ class MqttLink:
             if code is not None and code.value in NOT_AUTHORIZED_CODES:
                 self.counters.not_authorized += 1
                 return "not_authorized"
+            refused_v5 = code is not None and code.value == UNSUPPORTED_PROTOCOL_VERSION
+            if refused_v5 and self.protocol == "5":
+                # An MQTT 3.1.1-only broker: the next attempt speaks 3.1.1.
+                log.warning("mqtt: the broker does not speak MQTT 5; falling back to 3.1.1")
+                self.protocol = "3.1.1"
             return f"broker refused or closed the connection ({code})"
         # Only an established connection's session names what the agent publishes: messages
         # queued during an outage keep the session (and seq run) of the last connection.

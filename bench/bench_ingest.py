@@ -110,6 +110,8 @@ class Phase:
     rate: float
     publish_seconds: float
     broker_dropped: float
+    cpu_us_per_message: float
+    """CPU time of this (the receiving) process per message, over the measured interval."""
 
 
 def _split(devices: list[str], messages: int, publishers: int) -> list[tuple[list[str], list[int]]]:
@@ -130,9 +132,9 @@ def _run_publishers(
     counted: Callable[[], int],
     total: int,
     timeout: float,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Start the publishers together; return (seconds until ``counted() >= total``,
-    slowest publisher's own seconds)."""
+    slowest publisher's own seconds, this process's CPU seconds meanwhile)."""
     ctx = mp.get_context("spawn")
     start = ctx.Event()
     done: Any = ctx.Queue()
@@ -148,18 +150,20 @@ def _run_publishers(
         proc.start()
     time.sleep(3.0)  # let every publisher build its payloads and connect
     began = time.monotonic()
+    cpu = time.process_time()
     start.set()
     deadline = began + timeout
     while counted() < total and time.monotonic() < deadline:
         time.sleep(0.005)
     elapsed = time.monotonic() - began
+    cpu = time.process_time() - cpu
     publish_seconds = 0.0
     for _ in procs:
         _, _, seconds = done.get(timeout=timeout)
         publish_seconds = max(publish_seconds, seconds)
     for proc in procs:
         proc.join(10)
-    return elapsed, publish_seconds
+    return elapsed, publish_seconds, cpu
 
 
 class _SysDropped:
@@ -204,7 +208,7 @@ def baseline_phase(
     time.sleep(0.5)
     sys_dropped = _SysDropped(broker)
     try:
-        seconds, publish_seconds = _run_publishers(
+        seconds, publish_seconds, cpu = _run_publishers(
             broker, protocol, shares, session, lambda: count[0], total, 300
         )
         dropped = sys_dropped.read()
@@ -212,7 +216,10 @@ def baseline_phase(
         sys_dropped.close()
         sub.disconnect()
         sub.loop_stop()
-    return Phase("bare subscriber", count[0], seconds, count[0] / seconds, publish_seconds, dropped)
+    n = count[0]
+    return Phase(
+        "bare subscriber", n, seconds, n / seconds, publish_seconds, dropped, cpu / n * 1e6
+    )
 
 
 def ingest_phase(
@@ -246,7 +253,7 @@ def ingest_phase(
 
     try:
         time.sleep(0.5)
-        seconds, publish_seconds = _run_publishers(
+        seconds, publish_seconds, cpu = _run_publishers(
             broker, protocol, shares, session, stored, total, 300
         )
         time.sleep(2.5)  # one more $SYS update
@@ -269,7 +276,9 @@ def ingest_phase(
     finally:
         ingest.stop()
         store.close()
-    phase = Phase("hub ingest", count, seconds, count / seconds, publish_seconds, dropped)
+    phase = Phase(
+        "hub ingest", count, seconds, count / seconds, publish_seconds, dropped, cpu / count * 1e6
+    )
     return phase, checks
 
 
@@ -337,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {i}: bare subscriber {b['rate']:8.0f} msg/s ({b['messages']} in "
                 f"{b['seconds']:.2f}s) | hub ingest {h['rate']:8.0f} msg/s ({h['messages']} in "
                 f"{h['seconds']:.2f}s) | ratio {r['ratio']:.2f}"
+            )
+            print(
+                f"         receiving process CPU per message: bare subscriber "
+                f"{b['cpu_us_per_message']:.0f} us, hub ingest {h['cpu_us_per_message']:.0f} us"
             )
             print(
                 f"         store: {c['telemetry_rows']:.0f}/{args.messages} telemetry rows, "

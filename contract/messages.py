@@ -143,8 +143,9 @@ class DeviceMessage(Message):
         "same value is in the birth and the Will of that connection."
     )
     seq: NonNegativeInt = Field(
-        description="Message counter within the session, starting at 0 with the birth; "
-        "a gap means lost messages."
+        description="Per-device message counter, persisted: strictly increasing across "
+        "sessions and restarts (a restart may skip ahead). Within a session, a gap that "
+        "is not filled soon means lost messages."
     )
     ts: UnixTime
 
@@ -530,14 +531,16 @@ def _parse_json(payload: bytes) -> Any:
 
 
 def _too_deep(value: Any, limit: int) -> bool:
+    if not isinstance(value, dict | list):
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):  # only containers add depth
+                stack.append((child, depth + 1))
     return False
 
 

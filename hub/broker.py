@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -67,6 +68,8 @@ class MosquittoBroker:
             "log_type notice",
             "sys_interval 1",
             f"max_queued_messages {self.max_queued_messages}",
+            # As root, mosquitto drops to its own user and could not write this directory.
+            *(["user root"] if os.geteuid() == 0 else []),
             "max_inflight_messages 0",
             *self.extra_config,
         ]

@@ -506,10 +506,6 @@ def _load(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _minute(ts: float) -> int:
-    return int(ts // 60) * 60
-
-
 def _device(row: Row) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
@@ -650,82 +646,65 @@ def _rollout(row: Row) -> RolloutRecord:
     )
 
 
-def _rollup_rows(item: TelemetryIn) -> list[tuple[Any, ...]]:
-    """The telemetry_minute contributions of one telemetry message: the device, each model."""
-    t = item.message
-    minute = _minute(t.ts)
-    requests = sum(m.requests for m in t.models.values())
-    errors = sum(m.errors for m in t.models.values())
-    s = t.system
-    rows: list[tuple[Any, ...]] = [
-        (
-            t.device_id,
-            SYSTEM_MODEL,
-            minute,
-            1,
-            requests,
-            errors,
-            None,
-            0.0,
-            0,
-            None,
-            s.cpu_percent,
-            s.cpu_percent,
-            s.memory_used_mb,
-            s.memory_available_mb,
-            s.temperature_c,
-            1 if s.throttled else 0,
-        )
-    ]
-    for name, m in t.models.items():
-        lat = m.latency_ms
-        weight = max(m.requests, 1) if lat is not None else 0
-        rows.append(
-            (
-                t.device_id,
-                name,
-                minute,
-                1,
-                m.requests,
-                m.errors,
-                lat.p95 if lat else None,
-                lat.p95 * weight if lat else 0.0,
-                weight,
-                lat.p99 if lat else None,
+class _Rollups:
+    """Per-minute rollup contributions of a batch of telemetry, merged by (device, model,
+    minute) into the column order of ``_ROLLUP_UPSERT``."""
+
+    def __init__(self) -> None:
+        self._acc: dict[tuple[str, str, int], list[Any]] = {}
+
+    def _row(self, key: tuple[str, str, int]) -> list[Any]:
+        row = self._acc.get(key)
+        if row is None:
+            row = self._acc[key] = [
+                *key,
+                0,
+                0,
+                0,
+                None,
+                0.0,
+                0,
+                None,
                 0.0,
                 None,
                 None,
                 None,
                 None,
                 0,
-            )
-        )
-    return rows
+            ]
+        return row
 
+    def add(self, t: Telemetry) -> None:
+        minute = int(t.ts // 60) * 60
+        requests = errors = 0
+        for name, m in t.models.items():
+            requests += m.requests
+            errors += m.errors
+            row = self._row((t.device_id, name, minute))
+            row[3] += 1
+            row[4] += m.requests
+            row[5] += m.errors
+            lat = m.latency_ms
+            if lat is not None:
+                weight = max(m.requests, 1)
+                row[6] = _nmax(row[6], lat.p95)
+                row[7] += lat.p95 * weight
+                row[8] += weight
+                row[9] = _nmax(row[9], lat.p99)
+        s = t.system
+        row = self._row((t.device_id, SYSTEM_MODEL, minute))
+        row[3] += 1
+        row[4] += requests
+        row[5] += errors
+        row[10] += s.cpu_percent
+        row[11] = _nmax(row[11], s.cpu_percent)
+        row[12] = _nmax(row[12], s.memory_used_mb)
+        row[13] = _nmin(row[13], s.memory_available_mb)
+        row[14] = _nmax(row[14], s.temperature_c)
+        row[15] += 1 if s.throttled else 0
 
-def _merge_rollups(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Combine contributions with the same (device, model, minute) before writing them."""
-    merged: dict[tuple[str, str, int], list[Any]] = {}
-    for row in rows:
-        key = (row[0], row[1], row[2])
-        acc = merged.get(key)
-        if acc is None:
-            merged[key] = list(row)
-            continue
-        acc[3] += row[3]
-        acc[4] += row[4]
-        acc[5] += row[5]
-        acc[6] = _nmax(acc[6], row[6])
-        acc[7] += row[7]
-        acc[8] += row[8]
-        acc[9] = _nmax(acc[9], row[9])
-        acc[10] += row[10]
-        acc[11] = _nmax(acc[11], row[11])
-        acc[12] = _nmax(acc[12], row[12])
-        acc[13] = _nmin(acc[13], row[13])
-        acc[14] = _nmax(acc[14], row[14])
-        acc[15] += row[15]
-    return [tuple(v) for v in merged.values()]
+    def rows(self) -> list[list[Any]]:
+        return list(self._acc.values())
 
 
 def _nmax(a: Any, b: Any) -> Any:
@@ -878,7 +857,8 @@ class Store:
                         ELSE excluded.last_seq END,
                     session = excluded.session,
                     birth_session = excluded.session,
-                    online = 1,
+                    online = CASE WHEN excluded.session > devices.session OR devices.online = 1
+                        THEN 1 ELSE 0 END,
                     last_seen = max(devices.last_seen, excluded.last_seen),
                     born_at = excluded.born_at,
                     applied_generation = CASE
@@ -912,7 +892,8 @@ class Store:
 
     def record_status(self, status: Status, received_at: float) -> bool:
         """Apply an online/offline status; False (ignored) for a session older than the
-        device's current one (a late Will, a stale retained status)."""
+        device's current one (a late Will, a stale retained status), and for ``online``
+        after the Will of the same session (offline ends a session)."""
         online = 1 if status.state == "online" else 0
         with self.transaction():
             cur = self.db.execute(
@@ -930,7 +911,9 @@ class Store:
                     last_seen = CASE WHEN excluded.online = 1
                         THEN max(devices.last_seen, excluded.last_seen)
                         ELSE devices.last_seen END
-                WHERE excluded.session >= devices.session
+                WHERE excluded.session > devices.session
+                   OR (excluded.session = devices.session
+                       AND (devices.online = 1 OR excluded.online = 0))
                 """,
                 (status.device_id, status.session, status.seq, online, received_at, received_at),
             )
@@ -1050,31 +1033,50 @@ class Store:
     def record_telemetry(self, items: Sequence[TelemetryIn]) -> list[bool]:
         """Store telemetry once per (device, session, seq) and add the new ones to the
         per-minute rollups. Returns, per item, whether it was new (False: a duplicate)."""
-        new: list[bool] = []
-        rollups: list[tuple[Any, ...]] = []
+        if not items:
+            return []
         touched: dict[tuple[str, int], tuple[int, float]] = {}
+        rows = []
         for item in items:
             t = item.message
             key = (t.device_id, t.session)
-            seq, seen = touched.get(key, (t.seq, item.received_at))
-            touched[key] = (max(seq, t.seq), max(seen, item.received_at))
-        with self.transaction():
-            for (device_id, session), (seq, seen) in sorted(touched.items()):
-                self._touch(device_id, session, seq, seen)
-            for item in items:
-                t = item.message
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO telemetry_raw "
-                    "(device_id, session, seq, ts, payload, received_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (t.device_id, t.session, t.seq, t.ts, item.payload, item.received_at),
+            seen = touched.get(key)
+            if seen is None or seen[0] < t.seq or seen[1] < item.received_at:
+                touched[key] = (
+                    t.seq if seen is None else max(seen[0], t.seq),
+                    item.received_at if seen is None else max(seen[1], item.received_at),
                 )
-                fresh = cur.rowcount > 0
-                new.append(fresh)
+            rows.append((t.device_id, t.session, t.seq, t.ts, item.payload, item.received_at))
+        conn = self.db.conn
+        with self.transaction():
+            for (device_id, session), (seq, seen_at) in sorted(touched.items()):
+                self._touch(device_id, session, seq, seen_at)
+            before = conn.execute("SELECT coalesce(max(rowid), 0) FROM telemetry_raw").fetchone()[0]
+            changes = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry_raw "
+                "(device_id, session, seq, ts, payload, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            if conn.total_changes - changes == len(rows):
+                new = [True] * len(rows)
+            else:
+                inserted = set(
+                    conn.execute(
+                        "SELECT device_id, session, seq FROM telemetry_raw WHERE rowid > ?",
+                        (before,),
+                    ).fetchall()
+                )
+                new = []
+                for row in rows:
+                    key3 = (row[0], row[1], row[2])
+                    new.append(key3 in inserted)
+                    inserted.discard(key3)
+            rollups = _Rollups()
+            for item, fresh in zip(items, new, strict=True):
                 if fresh:
-                    rollups.extend(_rollup_rows(item))
-            if rollups:
-                self.db.conn.executemany(_ROLLUP_UPSERT, _merge_rollups(rollups))
+                    rollups.add(item.message)
+            conn.executemany(_ROLLUP_UPSERT, rollups.rows())
         return new
 
     # --- devices: reads ------------------------------------------------------------------

@@ -260,3 +260,18 @@ def test_probation_breach_rolls_back_and_refuses(rig: Rig) -> None:
     relaxed = desired_state(DEVICE, 3, v2, base_urls=rig.base_urls)
     rig.tap.publish_desired(DEVICE, signed(relaxed, rig.key))
     rig.wait_state(lambda s: s.applied_generation == 3 and s.phase == "committed", "gen 3")
+
+
+def test_an_empty_model_set_unloads_everything(rig: Rig) -> None:
+    rig.tap.wait_for(lambda t: t.messages("birth"), 20, "birth")
+    specs = ocr_specs({"cls": rig.models["cls"]})
+    rig.tap.publish_desired(
+        DEVICE, signed(desired_state(DEVICE, 1, specs, base_urls=rig.base_urls), rig.key)
+    )
+    rig.wait_state(lambda s: s.applied_generation == 1, "generation 1")
+    rig.tap.publish_desired(DEVICE, signed(desired_state(DEVICE, 2, []), rig.key))
+    state = rig.wait_state(
+        lambda s: s.applied_generation == 2 and s.phase == "committed", "generation 2"
+    )
+    assert state.models == []
+    assert dict(rig.agent.host.table) == {}
