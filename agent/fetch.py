@@ -161,8 +161,9 @@ class UrlFetcher:
 
     ``bearer_tokens`` maps URL prefixes (e.g. ``https://hub.example/artifacts``) to a token sent
     as ``Authorization: Bearer`` to URLs under that prefix only (longest prefix wins; never
-    forwarded on redirects). ``ssl_context`` replaces the default certificate checks, e.g.
-    to trust a private CA. Proxies come from the environment, as everywhere in urllib.
+    forwarded on redirects; the prefix ``""`` covers every URL). ``ssl_context`` replaces the
+    default certificate checks, e.g. to trust a private CA. Proxies come from the
+    environment, as everywhere in urllib.
     """
 
     def __init__(
@@ -371,7 +372,7 @@ class UrlFetcher:
     def _token_for(self, url: str) -> str | None:
         best: tuple[int, str] | None = None
         for prefix, token in self._tokens.items():
-            if (url == prefix or url.startswith(prefix + "/")) and (
+            if (not prefix or url == prefix or url.startswith(prefix + "/")) and (
                 best is None or len(prefix) > best[0]
             ):
                 best = (len(prefix), token)

@@ -6,15 +6,19 @@ messages (new session numbers each phase) are received twice:
 
 1. by a bare paho subscriber that only counts them (the baseline), then
 2. by the hub ingest (``hub.ingest.Ingest``), which decodes, validates and writes them to a
-   real SQLite store.
+   real SQLite store; ``--workers N`` runs N ingest processes on one MQTT 5 shared
+   subscription and one store (the scale path; sequence-gap detection is off then).
 
 Each phase's rate is messages / seconds from the publishers' start to the last message
 counted (baseline) or committed to the store (ingest). The report gives both rates, their
-ratio (target: at least 0.7), and the loss checks: telemetry rows in the store against
-telemetry sent, and the broker's ``$SYS/broker/publish/messages/dropped`` (expected 0).
+ratio (target: at least 0.7), the receiving side's CPU time per message, and the loss
+checks: telemetry rows and devices in the store against what was sent, and the broker's
+``$SYS/broker/publish/messages/dropped`` (expected 0).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_ingest.py [--devices 200] [--messages 20000]
-        [--publishers 3] [--rounds 1] [--protocol 5|3.1.1] [--json]
+    .venv/bin/python bench/bench_ingest.py [--devices 200] [--messages 20000]
+        [--publishers 3] [--workers 1] [--rounds 1] [--protocol 5|3.1.1] [--json]
+
+Exit status 1 when anything was lost.
 """
 
 from __future__ import annotations
@@ -36,12 +40,17 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from contract.messages import encode, topic_for
-from hub.broker import MosquittoBroker
-from hub.config import HubConfig
-from hub.ingest import SYS_DROPPED_TOPIC, Ingest
-from hub.store import Store
-from tests.support import hub_samples
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from contract.messages import encode, topic_for  # noqa: E402
+from hub.broker import MosquittoBroker  # noqa: E402
+from hub.config import HubConfig  # noqa: E402
+from hub.ingest import SYS_DROPPED_TOPIC, Ingest  # noqa: E402
+from hub.metrics import HubMetrics  # noqa: E402
+from hub.store import Store  # noqa: E402
+from support import hub_samples  # noqa: E402
 
 TARGET_RATIO = 0.7
 UP_ALL = "edgefleet/v1/dev/+/up/#"
@@ -55,25 +64,33 @@ def _client(client_id: str, protocol: str) -> mqtt.Client:
     )
 
 
-def _publisher(
-    index: int,
-    host: str,
-    port: int,
-    protocol: str,
-    devices: list[str],
-    telemetry_per_device: list[int],
-    session: int,
-    start: MpEvent,
-    done: Any,
-) -> None:
+@dataclass(frozen=True)
+class Setup:
+    """The broker, the protocol and the session number of one phase."""
+
+    host: str
+    port: int
+    protocol: str
+    session: int
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+Share = tuple[list[str], list[int]]
+"""A publisher's devices and how many telemetry messages each sends."""
+
+
+def _publisher(index: int, setup: Setup, share: Share, start: MpEvent, done: Any) -> None:
     """One publisher process: greet each device, then send its telemetry round robin."""
+    devices, telemetry_per_device = share
+    session = setup.session
     payloads: list[tuple[str, bytes]] = []
     for device_id in devices:
-        for msg in (
-            hub_samples.status(device_id, session, 0),
-            hub_samples.birth(device_id, session, 1),
-        ):
-            payloads.append((topic_for(msg), encode(msg)))
+        status = hub_samples.status(device_id, session, 0)
+        birth = hub_samples.birth(device_id, session, 1)
+        payloads += [(topic_for(status), encode(status)), (topic_for(birth), encode(birth))]
     counts = dict(zip(devices, telemetry_per_device, strict=True))
     seq = dict.fromkeys(devices, 2)
     remaining = sum(counts.values())
@@ -86,9 +103,9 @@ def _publisher(
             seq[device_id] += 1
             counts[device_id] -= 1
             remaining -= 1
-    client = _client(f"bench-pub-{index}-{session}", protocol)
+    client = _client(f"bench-pub-{index}-{session}", setup.protocol)
     client.max_queued_messages_set(0)
-    client.connect(host, port)
+    client.connect(setup.host, setup.port)
     client.loop_start()
     start.wait()
     began = time.monotonic()
@@ -114,24 +131,18 @@ class Phase:
     """CPU time of this (the receiving) process per message, over the measured interval."""
 
 
-def _split(devices: list[str], messages: int, publishers: int) -> list[tuple[list[str], list[int]]]:
+def _split(devices: list[str], messages: int, publishers: int) -> list[Share]:
     per_device = [messages // len(devices)] * len(devices)
     for i in range(messages - sum(per_device)):
         per_device[i] += 1
-    shares: list[tuple[list[str], list[int]]] = []
+    shares: list[Share] = []
     for p in range(publishers):
         shares.append((devices[p::publishers], per_device[p::publishers]))
     return shares
 
 
 def _run_publishers(
-    broker: MosquittoBroker,
-    protocol: str,
-    shares: list[tuple[list[str], list[int]]],
-    session: int,
-    counted: Callable[[], int],
-    total: int,
-    timeout: float,
+    setup: Setup, shares: list[Share], counted: Callable[[], int], total: int, timeout: float
 ) -> tuple[float, float, float]:
     """Start the publishers together; return (seconds until ``counted() >= total``,
     slowest publisher's own seconds, this process's CPU seconds meanwhile)."""
@@ -141,10 +152,10 @@ def _run_publishers(
     procs = [
         ctx.Process(
             target=_publisher,
-            args=(i, broker.host, broker.port, protocol, devs, counts, session, start, done),
+            args=(i, setup, share, start, done),
             daemon=True,
         )
-        for i, (devs, counts) in enumerate(shares)
+        for i, share in enumerate(shares)
     ]
     for proc in procs:
         proc.start()
@@ -169,11 +180,11 @@ def _run_publishers(
 class _SysDropped:
     """Reads the broker's dropped-messages counter."""
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, setup: Setup) -> None:
         self.value = -1.0
-        self.client = _client("bench-sys", "5")
+        self.client = _client(f"bench-sys-{setup.session}", "5")
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(setup.host, setup.port)
         self.client.subscribe(SYS_DROPPED_TOPIC, 0)
         self.client.loop_start()
 
@@ -189,9 +200,7 @@ class _SysDropped:
         self.client.loop_stop()
 
 
-def baseline_phase(
-    broker: MosquittoBroker, protocol: str, shares: list[Any], session: int, total: int
-) -> Phase:
+def baseline_phase(setup: Setup, shares: list[Share], total: int) -> Phase:
     """A bare paho subscriber that counts what it receives."""
     lock = threading.Lock()
     count = [0]
@@ -200,17 +209,15 @@ def baseline_phase(
         with lock:
             count[0] += 1
 
-    sub = _client(f"bench-sub-{session}", protocol)
+    sub = _client(f"bench-sub-{setup.session}", setup.protocol)
     sub.on_message = on_message
-    sub.connect(broker.host, broker.port)
+    sub.connect(setup.host, setup.port)
     sub.subscribe(UP_ALL, 1)
     sub.loop_start()
     time.sleep(0.5)
-    sys_dropped = _SysDropped(broker)
+    sys_dropped = _SysDropped(setup)
     try:
-        seconds, publish_seconds, cpu = _run_publishers(
-            broker, protocol, shares, session, lambda: count[0], total, 300
-        )
+        seconds, publish_seconds, cpu = _run_publishers(setup, shares, lambda: count[0], total, 300)
         dropped = sys_dropped.read()
     finally:
         sys_dropped.close()
@@ -222,62 +229,114 @@ def baseline_phase(
     )
 
 
-def ingest_phase(
-    broker: MosquittoBroker,
-    protocol: str,
-    shares: list[Any],
-    session: int,
-    total: int,
-    workdir: Path,
-) -> tuple[Phase, dict[str, float]]:
-    """The hub ingest writing to a SQLite store."""
-    config = HubConfig.model_validate(
+def _ingest_config(setup: Setup, hub_id: str, workers: int) -> HubConfig:
+    return HubConfig.model_validate(
         {
-            "hub_id": f"bench-{session}",
+            "hub_id": hub_id,
             "broker": {
-                "url": broker.url,
-                "protocol": protocol,
-                "shared_group": "hub" if protocol == "5" else "",
+                "url": setup.url,
+                "protocol": setup.protocol,
+                "shared_group": "hub" if setup.protocol == "5" else "",
                 "session_expiry_s": 0,
             },
             "api": {"token": "x" * 32, "token_file": None},
+            # several workers on one shared subscription each see part of a device's seqs
+            "ingest": {"detect_gaps": workers == 1},
         }
     )
-    store = Store(workdir / f"hub-{session}.db")
-    ingest = Ingest(config, store)
-    ingest.start()
-    metrics = ingest.metrics
 
-    def stored() -> int:
-        return int(sum(metrics.stored(k) for k in ("telemetry", "birth", "status")))
+
+def _counters(metrics: HubMetrics) -> dict[str, float]:
+    def total(name: str) -> float:
+        return sum(s.value for m in metrics.registry.collect() for s in m.samples if s.name == name)
+
+    return {
+        "duplicates": total("edgefleet_hub_ingest_duplicates_total"),
+        "dropped_by_hub": total("edgefleet_hub_ingest_dropped_total"),
+        "seq_gaps": total("edgefleet_hub_ingest_seq_gaps_total"),
+        "batches": total("edgefleet_hub_ingest_batch_size_count"),
+        "broker_dropped": metrics.value("edgefleet_hub_broker_messages_dropped"),
+    }
+
+
+def _ingest_worker(index: int, setup: Setup, db: str, ready: Any, stop: MpEvent) -> None:
+    """One more hub ingest process on the same shared subscription and the same store."""
+    config = _ingest_config(setup, f"bench-{setup.session}-w{index}", 2)
+    with Store(db) as store:
+        ingest = Ingest(config, store)
+        ingest.start()
+        cpu = time.process_time()
+        ready.put(("ready", index, {}))
+        stop.wait()
+        ingest.flush(30)
+        counters = _counters(ingest.metrics)
+        counters["cpu"] = time.process_time() - cpu
+        ingest.stop()
+    ready.put(("done", index, counters))
+
+
+def ingest_phase(
+    setup: Setup, shares: list[Share], total: int, workdir: Path, workers: int = 1
+) -> tuple[Phase, dict[str, float]]:
+    """The hub ingest writing to a SQLite store: one worker in this process, or several
+    worker processes sharing the subscription (the scale path)."""
+    db = workdir / f"hub-{setup.session}.db"
+    store = Store(db)
+    telemetry_sent = total - 2 * sum(len(devices) for devices, _ in shares)
+    ctx = mp.get_context("spawn")
+    ready: Any = ctx.Queue()
+    stop = ctx.Event()
+    procs = [
+        ctx.Process(target=_ingest_worker, args=(i, setup, str(db), ready, stop), daemon=True)
+        for i in range(1, workers)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    ingest = Ingest(_ingest_config(setup, f"bench-{setup.session}", workers), store)
+    ingest.start()
+
+    def committed() -> int:
+        if workers == 1:
+            return int(sum(ingest.metrics.stored(k) for k in ("telemetry", "birth", "status")))
+        time.sleep(0.02)
+        rows = store.count_telemetry()
+        return rows + 2 * store.count_devices() if rows == telemetry_sent else rows
 
     try:
         time.sleep(0.5)
-        seconds, publish_seconds, cpu = _run_publishers(
-            broker, protocol, shares, session, stored, total, 300
-        )
+        seconds, publish_seconds, cpu = _run_publishers(setup, shares, committed, total, 300)
         time.sleep(2.5)  # one more $SYS update
         ingest.flush(30)
+        count = committed()
+        counters = _counters(ingest.metrics)
+        stop.set()
+        for _ in procs:
+            _, _, other = ready.get(timeout=60)
+            cpu += other.pop("cpu")
+            for key in ("duplicates", "dropped_by_hub", "seq_gaps", "batches"):
+                counters[key] += other[key]
         checks = {
             "telemetry_rows": float(store.count_telemetry()),
             "devices": float(store.count_devices()),
-            "duplicates": metrics.value("edgefleet_hub_ingest_duplicates_total", kind="telemetry"),
-            "dropped_by_hub": sum(
-                s.value
-                for s in metrics.registry.collect()
-                for s in s.samples
-                if s.name == "edgefleet_hub_ingest_dropped_total"
-            ),
-            "seq_gaps": metrics.value("edgefleet_hub_ingest_seq_gaps_total"),
-            "batches": metrics.value("edgefleet_hub_ingest_batch_size_count"),
+            **counters,
         }
-        count = stored()
-        dropped = metrics.value("edgefleet_hub_broker_messages_dropped")
     finally:
+        stop.set()
         ingest.stop()
+        for proc in procs:
+            proc.join(30)
         store.close()
+    dropped = checks.pop("broker_dropped")
     phase = Phase(
-        "hub ingest", count, seconds, count / seconds, publish_seconds, dropped, cpu / count * 1e6
+        f"hub ingest ({workers} worker{'s' if workers > 1 else ''})",
+        count,
+        seconds,
+        count / seconds,
+        publish_seconds,
+        dropped,
+        cpu / count * 1e6,
     )
     return phase, checks
 
@@ -289,8 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publishers", type=int, default=3, choices=range(1, 9))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="hub ingest processes sharing the subscription (MQTT 5 only; gap detection off)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.workers > 1 and args.protocol != "5":
+        parser.error("--workers above 1 needs --protocol 5 (shared subscriptions)")
 
     devices = [f"bench-{i:05d}" for i in range(args.devices)]
     shares = _split(devices, args.messages, args.publishers)
@@ -300,9 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         with MosquittoBroker(workdir=workdir / "broker") as broker:
             for round_no in range(args.rounds):
-                base = baseline_phase(broker, args.protocol, shares, 2 * round_no + 1, total)
+                base = baseline_phase(
+                    Setup(broker.host, broker.port, args.protocol, 2 * round_no + 1), shares, total
+                )
                 hub, checks = ingest_phase(
-                    broker, args.protocol, shares, 2 * round_no + 2, total, workdir
+                    Setup(broker.host, broker.port, args.protocol, 2 * round_no + 2),
+                    shares,
+                    total,
+                    workdir,
+                    args.workers,
                 )
                 results.append(
                     {
@@ -327,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "messages_per_phase": total,
         "publishers": args.publishers,
         "protocol": args.protocol,
+        "ingest_workers": args.workers,
         "rounds": results,
         "ratio_median": statistics.median(ratios),
         "target_ratio": TARGET_RATIO,
@@ -344,11 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             b, h, c = r["baseline"], r["ingest"], r["checks"]
             print(
                 f"round {i}: bare subscriber {b['rate']:8.0f} msg/s ({b['messages']} in "
-                f"{b['seconds']:.2f}s) | hub ingest {h['rate']:8.0f} msg/s ({h['messages']} in "
+                f"{b['seconds']:.2f}s) | {h['name']} {h['rate']:8.0f} msg/s ({h['messages']} in "
                 f"{h['seconds']:.2f}s) | ratio {r['ratio']:.2f}"
             )
             print(
-                f"         receiving process CPU per message: bare subscriber "
+                f"         receiving CPU per message: bare subscriber "
                 f"{b['cpu_us_per_message']:.0f} us, hub ingest {h['cpu_us_per_message']:.0f} us"
             )
             print(

@@ -50,6 +50,8 @@ MAX_DEPTH = 64
 
 _SCHEMA_ID = re.compile(r"([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+)/([0-9]{1,6})")
 _SHOWN_CHARS = 64
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate: the only way a lone one gets into parsed text."""
 _SCHEMA_DESCRIPTION = "Names the message and its major version; required on the wire."
 
 DeviceId = Annotated[
@@ -519,7 +521,7 @@ def _parse_json(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise MessageDecodeError(f"payload is not UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise MessageDecodeError(
             f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -528,6 +530,29 @@ def _parse_json(payload: bytes) -> Any:
         raise MessageDecodeError("payload is nested too deeply") from None
     except ValueError as exc:
         raise MessageDecodeError(f"payload is not JSON: {str(exc)[:_SHOWN_CHARS]}") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+        # An escaped lone surrogate parses, but no UTF-8 encoder (canonical JSON, encode,
+        # the hub's store) can write it back: refuse it here, for every message type.
+        raise MessageDecodeError("payload holds a lone UTF-16 surrogate escape (not Unicode)")
+    return data
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in ``value`` holds an unpaired surrogate."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _too_deep(value: Any, limit: int) -> bool:

@@ -109,7 +109,12 @@ def format_field(loc: Loc) -> str:
 
 def _parse(text: str, source: str) -> tuple[yaml.Node | None, object]:
     """The node tree (for lines) and the data, refusing duplicate keys before PyYAML drops one."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character first
+    except yaml.reader.ReaderError as exc:
+        at_line = text.count("\n", 0, exc.position) + 1
+        expected = f"invalid YAML: character #x{exc.character:04x} is not allowed"
+        raise ManifestError(source, at_line, SYNTAX_FIELD, expected) from exc
     try:
         root = loader.get_single_node()
         if root is None:
@@ -126,6 +131,9 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, object]:
         raise ManifestError(source, line, SYNTAX_FIELD, f"invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ManifestError(source, None, SYNTAX_FIELD, f"invalid YAML: {exc}") from exc
+    except (ValueError, OverflowError) as exc:
+        # A scalar its tag cannot hold: "2001-02-30", "!!int 0x", an int of 5000 digits.
+        raise ManifestError(source, None, SYNTAX_FIELD, f"invalid YAML value: {exc}") from exc
     except RecursionError as exc:
         raise ManifestError(source, None, SYNTAX_FIELD, "invalid YAML: nested too deeply") from exc
     finally:

@@ -191,6 +191,17 @@ class ArtifactsSection(_Section):
 
     dir: str = "artifacts"
     base_urls: list[str] = Field(default_factory=list)
+    serve: bool = Field(
+        default=True, description="Run the hub's own artifact server (``edgefleet-hub serve``)."
+    )
+    bind: str = "127.0.0.1:8601"
+    url: str | None = Field(
+        default=None,
+        description="How devices reach the hub's artifact server; default http://<bind>/artifacts.",
+    )
+    token_file: str | None = Field(
+        default=None, description="Bearer token the artifact server requires; unset: none."
+    )
 
     @field_validator("base_urls")
     @classmethod
@@ -200,6 +211,35 @@ class ArtifactsSection(_Section):
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"[{index}]: expected an http:// or https:// URL, got {url!r}")
         return urls
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, bind: str) -> str:
+        host, sep, port = bind.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port (IPv6 as [::1]:8601), got {bind!r}")
+        return bind
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+    @property
+    def own_url(self) -> str:
+        """The base URL of the hub's own artifact server, as devices reach it."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        return f"http://{self.bind}/artifacts"
+
+    def bind_address(self) -> tuple[str, int]:
+        """``bind`` as (host, port), IPv6 without brackets."""
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 class IngestSection(_Section):
@@ -304,6 +344,12 @@ class HubConfig(_Section):
         if self.broker.password_file is not None:
             return self._read_secret("broker.password_file", self.broker.password_file)
         return None
+
+    def artifacts_token(self) -> str | None:
+        """The artifact server's bearer token from ``artifacts.token_file``, or None."""
+        if self.artifacts.token_file is None:
+            return None
+        return self._read_secret("artifacts.token_file", self.artifacts.token_file) or None
 
     def api_token(self) -> str:
         """The API bearer token, from ``token`` or ``token_file`` (white space removed)."""
@@ -449,7 +495,7 @@ url = {s(broker_url)}
 protocol = "5"
 shared_group = "hub"              # MQTT 5 shared subscription; "" for a plain one
 session_expiry_s = 3600           # the broker keeps the hub's messages across a restart
-# The hub's account needs max_queued_messages 0 (or a large value) on the broker:
+# The broker's max_queued_messages must be 0 (or above the hub's backlog):
 # mosquitto's default of 1000 silently drops QoS 1 messages (docs/hub-ingest.md).
 
 [api]
@@ -462,7 +508,11 @@ resign_before_s = {DEFAULT_RESIGN_BEFORE_S:.0f}.0     # re-signed when less than
 
 [artifacts]
 dir = "artifacts"
-base_urls = [{urls}]
+base_urls = [{urls}]               # external servers (S3, CDN) serving the files by hash
+serve = true                      # the hub's own artifact server, listed after base_urls
+bind = "127.0.0.1:8601"
+# url = "http://hub.example:8601/artifacts"   # how devices reach it (default: from bind)
+# token_file = "artifacts-token"  # require this bearer token (agents: artifacts.token_file)
 
 [ingest]
 max_batch = 500

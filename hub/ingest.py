@@ -36,9 +36,10 @@ messages, so after each connect a short-lived second connection reads the retain
 and state topics once. The ingest reads ``$SYS/broker/publish/messages/dropped`` into the
 metrics.
 
-The broker must not drop messages queued for the hub: give the hub's account
-``max_queued_messages 0`` (or a limit above any backlog) — mosquitto's default of 1000
-silently drops QoS 1 messages to a subscriber that falls behind (docs/hub-ingest.md).
+The broker must not drop messages queued for the hub: mosquitto's per-client queue limit
+(``max_queued_messages``, one setting for every client) must be 0 or above any backlog of
+the hub — its default of 1000 silently drops QoS 1 messages to a subscriber that falls
+behind (docs/hub-ingest.md).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ from contract.topics import (
     HUB_STATE_TOPIC,
     Direction,
     Kind,
+    ParsedTopic,
     down_topic,
     parse_topic,
     shared_subscription,
@@ -108,6 +110,8 @@ PRUNE_INTERVAL_S = 3600.0
 FIRST_PRUNE_AFTER_S = 60.0
 RECEIVE_MAXIMUM = 65535
 DAY_S = 86400.0
+TOPIC_CACHE_SIZE = 100_000
+"""Parsed topics kept (a few per device); the cache is emptied when it is full."""
 SNAPSHOT_CONNECTION = -1
 
 M = TypeVar("M", bound=Message)
@@ -147,14 +151,15 @@ class IngestHooks:
 
 
 class _Inbox:
-    """What the paho thread hands to the worker: a deque, a wake-up event and a bound."""
+    """What the paho threads hand to the worker: a deque, a wake-up event and a bound."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: deque[_Item] = deque()
         self._wake = threading.Event()
+        self._count_lock = threading.Lock()
         self.put_count = 0
-        """Items ever put (only the paho thread writes it)."""
+        """Items ever put (the ingest's and the snapshot reader's paho threads put)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -165,8 +170,9 @@ class _Inbox:
             if stop.is_set():
                 return False
             time.sleep(0.001)
-        self._items.append(item)
-        self.put_count += 1
+        with self._count_lock:
+            self._items.append(item)
+            self.put_count += 1
         if not self._wake.is_set():
             self._wake.set()
         return True
@@ -341,8 +347,8 @@ class Ingest:
 
     ``start()`` connects (IngestError if the broker cannot be reached or refuses) and starts
     the worker; ``stop()`` writes what is waiting, publishes the hub offline and
-    disconnects. ``publish()`` is how the rest of the hub sends (desired documents,
-    commands) over the same connection.
+    disconnects; an ``Ingest`` runs once. ``publish()`` is how the rest of the hub sends
+    (desired documents, commands) over the same connection.
     """
 
     def __init__(
@@ -371,6 +377,7 @@ class Ingest:
         self._v5 = config.broker.protocol == "5"
         self._stored = {k: self.metrics.ingest_messages.labels(k) for k in _KINDS}
         self._duplicates = {k: self.metrics.ingest_duplicates.labels(k) for k in _KINDS}
+        self._topics: dict[str, ParsedTopic] = {}
         self._client = self._make_client(self.config.client_id, persistent=True)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -384,7 +391,7 @@ class Ingest:
 
         Also freezes the objects alive now out of the garbage collector's reach
         (``gc.freeze``): its full passes would otherwise re-scan the whole hub for every few
-        hundred decoded messages, which costs the ingest about a third of its CPU.
+        hundred decoded messages, which costs the worker about a third of its CPU.
         """
         gc.freeze()
         self.tracker.load(self.store.device_cursors(), time.monotonic())
@@ -578,10 +585,12 @@ class Ingest:
                     self.metrics.broker_dropped.set(float(message.payload.decode().strip()))
             client.ack(message.mid, message.qos)
             return
+        if self._stop.is_set():
+            return  # stopping: not acknowledged, so the broker keeps it for the next start
         item = _Item(
             topic, bytes(message.payload), message.mid, message.qos, time.time(), self._connection
         )
-        self._inbox.put(item, self._stop)  # not put when stopping: not acked, sent again
+        self._inbox.put(item, self._stop)
 
     def _read_retained(self) -> None:
         """Read the retained status and state of every device once, on a second connection
@@ -674,9 +683,14 @@ class Ingest:
 
     def _decode(self, item: _Item) -> _Decoded | None:
         try:
-            parsed = parse_topic(item.topic)
-            if parsed.direction is not Direction.UP:
-                raise WireError(f"not a device-to-hub topic: {item.topic[:80]!r}")
+            parsed = self._topics.get(item.topic)
+            if parsed is None:
+                parsed = parse_topic(item.topic)
+                if parsed.direction is not Direction.UP:
+                    raise WireError(f"not a device-to-hub topic: {item.topic[:80]!r}")
+                if len(self._topics) >= TOPIC_CACHE_SIZE:
+                    self._topics.clear()
+                self._topics[item.topic] = parsed
             msg = decode(
                 message_for_topic(parsed),
                 item.payload,
@@ -750,16 +764,17 @@ class Ingest:
 
     def _apply(self, decoded: list[_Decoded]) -> list[_Decoded]:
         """The store writes of a batch (inside the caller's transaction); returns the
-        messages that changed something, telemetry last."""
+        messages that changed something, in arrival order. Telemetry is written last, in
+        one statement: it never depends on the other kinds."""
         store = self.store
         dropped = self.metrics.ingest_dropped
-        applied: list[_Decoded] = []
-        telemetry: list[_Decoded] = []
+        applied: list[tuple[int, _Decoded]] = []
+        telemetry: list[tuple[int, _Decoded]] = []
         items: list[TelemetryIn] = []
-        for d in decoded:
+        for position, d in enumerate(decoded):
             msg, at = d.message, d.item.received_at
             if isinstance(msg, Telemetry):
-                telemetry.append(d)
+                telemetry.append((position, d))
                 items.append(TelemetryIn(msg, d.item.payload.decode("utf-8"), at))
                 continue
             if isinstance(msg, Birth):
@@ -782,7 +797,7 @@ class Ingest:
                 continue
             if new:
                 self._stored[d.kind].inc()
-                applied.append(d)
+                applied.append((position, d))
             elif not isinstance(msg, Birth | Status):
                 self._duplicates[d.kind].inc()
         if items:
@@ -791,8 +806,9 @@ class Ingest:
             self._stored["telemetry"].inc(count)
             if count < len(fresh):
                 self._duplicates["telemetry"].inc(len(fresh) - count)
-            applied += [d for d, new in zip(telemetry, fresh, strict=True) if new]
-        return applied
+            applied += [pd for pd, new in zip(telemetry, fresh, strict=True) if new]
+            applied.sort(key=lambda pd: pd[0])
+        return [d for _, d in applied]
 
     def _call_hooks(self, d: _Decoded) -> None:
         msg = d.message

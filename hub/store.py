@@ -402,6 +402,29 @@ class PolicyRecord:
 
 
 @dataclass(frozen=True)
+class DeviceBrief:
+    """What the controller resolves a device by, without the birth's documents."""
+
+    device_id: str
+    labels: dict[str, str]
+    profile_name: str | None
+    applied_generation: int
+    desired_generation: int
+
+
+@dataclass(frozen=True)
+class DesiredHead:
+    """A device's newest desired document without the document itself."""
+
+    device_id: str
+    generation: int
+    content_hash: str
+    issued_at: float
+    expires_at: float
+    published_at: float | None
+
+
+@dataclass(frozen=True)
 class DesiredRecord:
     """One generation of one device's signed desired document (the whole envelope)."""
 
@@ -814,6 +837,19 @@ class Store:
                 (key, value),
             )
 
+    def list_meta(self, prefix: str) -> dict[str, str]:
+        """Every ``hub_meta`` entry whose key starts with ``prefix``, by key."""
+        rows = self._rows(
+            "SELECT key, value FROM hub_meta WHERE substr(key, 1, ?) = ? ORDER BY key",
+            (len(prefix), prefix),
+        )
+        return {str(r["key"]): str(r["value"]) for r in rows}
+
+    def delete_meta(self, key: str) -> bool:
+        """Remove a ``hub_meta`` entry; False when there was none."""
+        with self.transaction():
+            return self.db.execute("DELETE FROM hub_meta WHERE key = ?", (key,)).rowcount > 0
+
     # --- devices: ingest writes ----------------------------------------------------------
 
     def device_cursors(self) -> dict[str, DeviceCursor]:
@@ -830,8 +866,8 @@ class Store:
         """Create or update the device from its birth; False (ignored) for an older session.
 
         A birth of the current or a newer session replaces identity, facts, profile, labels,
-        capabilities and inventory, marks the device online and makes ``birth.session`` the
-        current session.
+        capabilities and inventory, makes ``birth.session`` the current session and marks the
+        device online (unless the Will of that same session came first).
         """
         profile = birth.profile.model_dump(mode="json", by_alias=True)
         with self.transaction():
@@ -1118,6 +1154,23 @@ class Store:
             )
             params += [model, model, model_version, model_version]
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def device_briefs(self) -> list[DeviceBrief]:
+        """Every device's id, labels, profile name and generations, ordered by id."""
+        rows = self._rows(
+            "SELECT device_id, labels, profile_name, applied_generation, desired_generation "
+            "FROM devices ORDER BY device_id"
+        )
+        return [
+            DeviceBrief(
+                device_id=r["device_id"],
+                labels=_load(r["labels"]),
+                profile_name=r["profile_name"],
+                applied_generation=r["applied_generation"],
+                desired_generation=r["desired_generation"],
+            )
+            for r in rows
+        ]
 
     def list_devices(
         self,
@@ -1519,6 +1572,13 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"no desired generation {generation} for device {device_id}")
 
+    def delete_desired(self, device_id: str) -> int:
+        """Forget every desired document of a device (``device revoke``): nothing is
+        re-signed or re-published for it any more. Returns how many were removed."""
+        with self.transaction():
+            cur = self.db.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+            return int(cur.rowcount)
+
     _LATEST_DESIRED = (
         "SELECT d.* FROM desired AS d JOIN (SELECT device_id, max(generation) AS g FROM desired "
         "GROUP BY device_id) AS n ON d.device_id = n.device_id AND d.generation = n.g"
@@ -1531,6 +1591,16 @@ class Store:
             (device_id,),
         )
         return None if row is None else _desired(row)
+
+    def latest_desired_heads(self) -> dict[str, DesiredHead]:
+        """Generation, content hash and times of every device's newest document."""
+        rows = self._rows(
+            "SELECT d.device_id, d.generation, d.content_hash, d.issued_at, d.expires_at, "
+            "d.published_at FROM desired AS d JOIN (SELECT device_id, max(generation) AS g "
+            "FROM desired GROUP BY device_id) AS n "
+            "ON d.device_id = n.device_id AND d.generation = n.g"
+        )
+        return {r["device_id"]: DesiredHead(**r) for r in rows}
 
     def latest_desired_all(self) -> dict[str, DesiredRecord]:
         """The newest document of every device that has one."""

@@ -189,9 +189,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_RANK = 32
+"""The most dimensions a tensor may have (numpy 1.x's limit; models stay far below it)."""
+_MAX_EXTENT = 1 << 56
+"""Bound on the product of a shape's non-zero dimensions: numpy refuses (ValueError) a shape
+whose extent overflows, even for an array of zero elements."""
+
+
 def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(_is_int(d) and d >= 0 for d in value):
         raise ProtocolError(f"{what}: shape must be a list of non-negative integers, got {value!r}")
+    if len(value) > MAX_RANK:
+        raise ProtocolError(f"{what}: shape has {len(value)} dimensions, at most {MAX_RANK}")
+    if math.prod(max(d, 1) for d in value) > _MAX_EXTENT:
+        raise ProtocolError(f"{what}: shape {str(value)[:80]} is larger than any tensor can be")
     return tuple(value)
 
 
@@ -211,6 +222,22 @@ def _flatten_strings(data: Any, what: str) -> list[str]:
     return flat
 
 
+def _first_non_number(data: Any) -> str | None:
+    """The first leaf of nested lists ``data`` that is not a bool, int or float (shown
+    short), or None when every leaf is one."""
+    stack = [iter(data if isinstance(data, list) else [data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, int | float):
+                return "null" if item is None else repr(item)[:40]
+        else:
+            stack.pop()
+    return None
+
+
 def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> Array:
     """A JSON ``data`` value (flat or nested, row-major) as an array of ``shape``."""
     count = element_count(shape)
@@ -224,6 +251,12 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
         array = np.empty(len(strings), dtype=object)
         array[:] = strings
         return array.reshape(shape)
+    want = {"b": "true/false", "i": "integers", "u": "integers"}.get(dtype.kind, "numbers")
+    odd = _first_non_number(data)
+    if odd is not None:
+        # Checked before numpy sees the data: one long string among many short ones would
+        # make np.asarray allocate (longest string) x (count) bytes.
+        raise ProtocolError(f"{what}: {datatype} data must be {want}, got {odd}")
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -244,7 +277,6 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
     else:
         ok = kind in "iuf"
     if not ok:
-        want = {"b": "true/false", "i": "integers", "u": "integers"}.get(dtype.kind, "numbers")
         raise ProtocolError(f"{what}: {datatype} data must be {want}, got {raw.dtype} values")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)

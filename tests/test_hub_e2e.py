@@ -1,0 +1,380 @@
+"""The hub end to end: a hub process and three real agent processes on a private mosquitto.
+
+``edgefleet-hub init`` makes the hub directory and ``edgefleet-hub serve`` runs the hub; the
+registry steps go through its HTTP API (``hub.client.HubClient``): the OCR models (cls with
+an int8 variant derived by the hub), the model set, the policy. Each agent overrides its
+firmware profile, so one host plays a Raspberry Pi 4 (int8 first), an Intel N100 gateway
+(int8 first) and an NVIDIA server (fp16, then fp32). Two agents are up before the policy is
+applied (its reconcile reaches them), the third comes after (its birth does). Every agent
+downloads from the hub's artifact server (bearer token), loads and commits. Then: each
+agent runs the variant its profile calls for, which is what ``plan`` predicted from the
+births, and the state the hub shows is the state the agent reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contract.messages import Desired, HubState, decode
+from contract.signing import TrustedKeys
+from hub.broker import MosquittoBroker, free_port
+from hub.client import HubClient
+from hub.config import HubConfig, load_config
+from hub.errors import ClientError
+from hub.init import init_hub
+from hub.keys import Keyring
+from hub.store import Store
+from support.agent_process import AgentProcess, Notifications, agent_process, child_env, cli
+from support.fleet import mqtt_tap
+from support.hub_fleet import OCR_HINTS, modelset_yaml, policy_yaml
+
+pytestmark = pytest.mark.slow
+
+AGENTS = {
+    # device id: (profile override, the cls variant that profile calls for)
+    "e2e-pi": ("raspberry-pi-4-4gb", "int8"),
+    "e2e-gw": ("intel-n100-gateway", "int8"),
+    "e2e-srv": ("x86-64-nvidia-server", "fp32"),
+}
+HUB_CLI = [sys.executable, "-m", "hub.cli"]
+ARTIFACT_TOKEN = "artifact-token-for-e2e"
+
+
+def make_hub(tmp: Path, broker: MosquittoBroker) -> HubConfig:
+    """``edgefleet-hub init`` a directory for this broker, with free ports and a token for
+    the artifact server."""
+    directory = tmp / "hub"
+    done = subprocess.run(
+        [
+            *HUB_CLI,
+            "init",
+            str(directory),
+            "--hub-id",
+            "hub-e2e",
+            "--broker-url",
+            broker.url,
+            "--api-bind",
+            f"127.0.0.1:{free_port()}",
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    path = directory / "hub.toml"
+    (directory / "artifacts-token").write_text(ARTIFACT_TOKEN + "\n")
+    text = path.read_text().replace(
+        'bind = "127.0.0.1:8601"',
+        f'bind = "127.0.0.1:{free_port()}"\ntoken_file = "artifacts-token"',
+    )
+    path.write_text(text)
+    return load_config(path)
+
+
+def api(config: HubConfig) -> HubClient:
+    return HubClient(f"http://{config.api.bind}", config.api_token(), timeout=120)
+
+
+def register(client: HubClient, ocr_models: dict[str, Path]) -> None:
+    """Models (the hub derives cls int8) and the model set, through the HTTP API."""
+    variants = []
+    for name, path in ocr_models.items():
+        variants += client.add_model(
+            path,
+            name=name,
+            version="1.0.0",
+            quantize="int8" if name == "cls" else None,
+            input_shapes=OCR_HINTS[name],
+        )
+    assert sorted((v.name, v.variant) for v in variants) == [
+        ("cls", "fp32"),
+        ("cls", "int8"),
+        ("det", "fp32"),
+        ("rec", "fp32"),
+    ]
+    assert all(v.load_memory_mb for v in variants)
+    client.apply_model_set(modelset_yaml(variants), "ocr.yaml")
+
+
+class HubProcess:
+    """``run_server`` in a child process, READY=1 on its own notify socket."""
+
+    def __init__(self, config_path: Path, workdir: Path) -> None:
+        self.notify = Notifications(workdir, "hub-notify")
+        self.log_path = workdir / "hub.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*HUB_CLI, "serve", "--config", str(config_path)],
+            env=child_env({"NOTIFY_SOCKET": str(self.notify.path)}),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def describe(self) -> str:
+        tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
+        return f"hub pid {self.proc.pid} (exit {self.proc.poll()}); log:\n" + "\n".join(tail)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "READY=1" not in "\n".join(self.notify.poll(0.2)).split("\n"):
+            assert self.proc.poll() is None, f"the hub exited: {self.describe()}"
+            assert time.monotonic() < deadline, f"the hub was not ready: {self.describe()}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+        finally:
+            self._log.close()
+            self.notify.close()
+
+
+@contextmanager
+def hub_process(config_path: Path, workdir: Path) -> Iterator[HubProcess]:
+    process = HubProcess(config_path, workdir)
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def agent_config(tmp: Path, config: HubConfig, broker: MosquittoBroker, device_id: str) -> Path:
+    profile, _ = AGENTS[device_id]
+    state_dir = tmp / device_id
+    state_dir.mkdir()
+    lines = [
+        f'device_id = "{device_id}"',
+        f'state_dir = "{state_dir}"',
+        f'profile = "{profile}"',
+        'log_level = "info"',
+        "",
+        "[broker]",
+        f'url = "{broker.url}"',
+        "keepalive = 5",
+        "",
+        "[trust]",
+        f'hub_public_keys_file = "{config.public_keys_path}"',
+        "",
+        "[labels]",
+        'site = "e2e"',
+        "",
+        "[api]",
+        f'bind = "127.0.0.1:{free_port()}"',
+        "",
+        "[artifacts]",
+        f'token_file = "{config.data_path / "artifacts-token"}"',
+    ]
+    path = tmp / f"{device_id}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_converged(
+    client: HubClient, agents: dict[str, AgentProcess], hub: HubProcess, timeout: float = 60.0
+) -> None:
+    """Until the hub shows every device committed, all models ready, on its newest document."""
+    deadline = time.monotonic() + timeout
+    pending = set(agents)
+    while pending:
+        for device_id in sorted(pending):
+            try:
+                device = client.device(device_id)
+            except ClientError as exc:  # its birth may not be stored yet
+                assert exc.status == 404, exc
+                continue
+            desired = device.desired
+            if (
+                desired is not None
+                and desired.published_at is not None
+                and device.applied_generation == desired.generation
+                and device.phase == "committed"
+                and device.state is not None
+                and all(m.ready for m in device.state.models)
+            ):
+                pending.discard(device_id)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            details = "\n\n".join(agents[d].describe() for d in sorted(pending))
+            raise AssertionError(f"not converged: {sorted(pending)}\n{hub.describe()}\n\n{details}")
+        for agent in agents.values():
+            assert agent.returncode is None, agent.describe()
+        assert hub.proc.poll() is None, hub.describe()
+        time.sleep(0.25)
+
+
+def agent_status(config_path: Path) -> dict[str, Any]:
+    done = cli("status", "--config", str(config_path), "--json")
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_hub_and_agents_converge_on_what_plan_predicted(
+    tmp_path: Path, broker: MosquittoBroker, ocr_models: dict[str, Path]
+) -> None:
+    config = make_hub(tmp_path, broker)
+    assert config.source is not None
+    configs = {d: agent_config(tmp_path, config, broker, d) for d in AGENTS}
+
+    with ExitStack() as stack:
+        tap = stack.enter_context(
+            mqtt_tap(broker, "edgefleet/v1/hub/state", "edgefleet/v1/dev/+/down/desired")
+        )
+        hub = stack.enter_context(hub_process(config.source, tmp_path))
+        hub.wait_ready()
+        client = stack.enter_context(api(config))
+        register(client, ocr_models)
+        agents = {
+            d: stack.enter_context(agent_process(configs[d], tmp_path, name=d))
+            for d in ("e2e-pi", "e2e-gw")
+        }
+        for agent in agents.values():
+            agent.wait_ready(60)
+        wait_born(client, list(agents), hub)
+        client.apply_policy(policy_yaml(labels={"site": "e2e"}), "policy.yaml")
+        agents["e2e-srv"] = stack.enter_context(
+            agent_process(configs["e2e-srv"], tmp_path, name="e2e-srv")
+        )
+        agents["e2e-srv"].wait_ready(60)
+        wait_converged(client, agents, hub)
+
+        plans = {p.device_id: p for p in client.plan().items}
+        assert sorted(plans) == sorted(AGENTS)
+        trusted = TrustedKeys(Keyring(config.keys_dir, config.public_keys_path).public_keys())
+        for device_id, (profile, cls_variant) in AGENTS.items():
+            device = client.device(device_id)
+            assert device.profile == profile and device.labels == {"site": "e2e"}
+            plan = plans[device_id].plan
+            assert plan is not None, plans[device_id].message
+            predicted = {c.model: c for c in plan.chosen}
+            assert len(predicted) == 3 and not plan.skipped
+            assert predicted["cls"].variant == cls_variant
+
+            # the state the hub shows is the state the agent reports
+            status = agent_status(configs[device_id])
+            assert device.state is not None
+            assert device.state.model_dump(mode="json", by_alias=True) == status["reported"]
+            assert status["applied_generation"] == device.applied_generation
+            assert {
+                m.name: (m.variant, m.precision, m.provider, m.version) for m in device.state.models
+            } == {
+                c.model: (c.variant, c.precision, c.provider, c.version) for c in predicted.values()
+            }
+
+            # what the agent applied is the signed document the hub published (retained)
+            assert device.desired is not None
+            assert device.desired.generation == device.state.applied_generation
+            sent = [
+                decode(Desired, r.payload)
+                for r in tap.received
+                if r.topic == f"edgefleet/v1/dev/{device_id}/down/desired"
+            ]
+            assert sent and sent[-1].payload.generation == device.desired.generation
+            sent[-1].verify(trusted)
+
+        for agent in agents.values():
+            assert agent.terminate() == 0, agent.describe()
+        assert hub.terminate() == 0, hub.describe()
+        states = [
+            decode(HubState, r.payload) for r in tap.received if r.topic.endswith("/hub/state")
+        ]
+        assert [s.state for s in states][-2:] == ["online", "offline"]
+        assert "Traceback" not in hub.log_path.read_text(), hub.describe()
+    # every document the hub recorded was acknowledged by the broker
+    with Store(config.store_path) as store:
+        latest = store.latest_desired_all()
+        assert sorted(latest) == sorted(AGENTS)
+        assert all(d.published_at is not None for d in latest.values())
+
+
+def wait_born(client: HubClient, device_ids: list[str], hub: HubProcess) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        born = {d.device_id for d in client.iter_devices() if d.profile is not None}
+        if set(device_ids) <= born:
+            return
+        assert time.monotonic() < deadline, f"no birth from {device_ids}: {hub.describe()}"
+        time.sleep(0.1)
+
+
+def test_serve_refuses_a_bad_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "hub.toml"
+    path.write_text('hub_id = "x"\n[broker]\nurl = "http://nope"\n')
+    done = subprocess.run(
+        [*HUB_CLI, "serve", "--config", str(path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "broker.url" in done.stderr and str(path) in done.stderr
+
+
+def test_serve_fails_cleanly_without_a_broker(tmp_path: Path) -> None:
+    result = init_hub(
+        tmp_path / "hub",
+        broker_url=f"mqtt://127.0.0.1:{free_port()}",
+        api_bind=f"127.0.0.1:{free_port()}",
+    )
+    text = result.config_path.read_text().replace(
+        'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"'
+    )
+    result.config_path.write_text(text)
+    done = subprocess.run(
+        [*HUB_CLI, "serve", "--config", str(result.config_path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot connect" in done.stderr
+    assert os.path.exists(result.config.store_path)
+
+
+def test_serve_names_an_artifact_port_in_use(tmp_path: Path, broker: MosquittoBroker) -> None:
+    result = init_hub(tmp_path / "hub", broker_url=broker.url, api_bind=f"127.0.0.1:{free_port()}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = result.config_path.read_text().replace(
+            'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{port}"'
+        )
+        result.config_path.write_text(text)
+        done = subprocess.run(
+            [*HUB_CLI, "serve", "--config", str(result.config_path)],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "artifacts.bind" in done.stderr
+    assert "Traceback" not in done.stderr
