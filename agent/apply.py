@@ -364,6 +364,14 @@ class Applier:
         self._state.activate(generation)
         self.serving.generation = generation
         self.serving.state = accepted.state
+        if self.status.phase in ("failed", "rolled_back"):
+            # Back on what it serves (the hub re-issued it after a failed or rolled-back
+            # generation, e.g. a rollout's rollback): that generation's phase, not the
+            # failure's. The failure stays in last_error.
+            until = self.serving.probation_until
+            self.status.phase = (
+                "probation" if until is not None and until > self._clock() else "committed"
+            )
         self._reporter.state_changed()
         return Outcome(ok=True, generation=generation, code="unchanged")
 

@@ -294,9 +294,61 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_install_commands(commands: Subcommands) -> None:
+    """``install-service`` (agent/install.py)."""
+    from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR
+
+    install = commands.add_parser(
+        "install-service",
+        help="write the systemd unit, a configuration skeleton and the state directory",
+        description="Write /etc/systemd/system/edgefleet-agent.service for this installation, "
+        "a configuration skeleton when there is none, and the state directory.",
+    )
+    install.add_argument("--print", action="store_true", help="print them, write nothing")
+    install.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        metavar="FILE",
+        help="(default %(default)s)",
+    )
+    install.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="(default %(default)s)",
+    )
+    install.add_argument("--device-id", metavar="ID", help="(default: the host name)")
+    install.add_argument("--broker-url", metavar="URL", help="(default mqtt://localhost:1883)")
+    install.add_argument("--executable", type=Path, metavar="PATH", help="(default: this one)")
+    install.add_argument(
+        "--root", type=Path, default=Path("/"), metavar="DIR", help="write under DIR instead of /"
+    )
+    install.set_defaults(handler=_install_service)
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    from agent.install import install, plan_install, printed, report
+
+    plan = plan_install(
+        config_path=args.config,
+        state_dir=args.state_dir,
+        device_id=args.device_id,
+        broker_url=args.broker_url,
+        executable=args.executable,
+    )
+    if args.print:
+        sys.stdout.write(printed(plan))
+        return 0
+    print(report(plan, install(plan, root=args.root), args.root))
+    return 0
+
+
 COMMAND_GROUPS: tuple[Callable[[Subcommands], None], ...] = (
     add_profile_commands,
     add_daemon_commands,
+    add_install_commands,
 )
 
 

@@ -18,6 +18,11 @@ with uvicorn and the CLI (``hub.client``) is its client. The routes (docs/hub-ap
     GET  /v1/plan                            what matching devices would run (label, profile,
                                              device)
     GET  /v1/events                          newest first; filters device, kind, since
+    GET  /v1/rollouts                        every rollout, oldest first; paginated; ?phase=
+    POST /v1/rollouts                        start a rollout from its YAML document (the body)
+    GET  /v1/rollouts/{name}                 spec, phase, cohorts with gate values, events;
+                                             ?events=N, ?devices=true
+    POST /v1/rollouts/{name}/pause|resume|abort|rollback   optional body {"reason": ...}
     GET  /metrics                            the hub's Prometheus metrics (text format)
 
 Every route needs ``Authorization: Bearer <token>``; only ``/openapi.json`` is public (the
@@ -68,6 +73,7 @@ from contract.manifests import (
 from contract.messages import InventoryItem, State, Telemetry
 from contract.profile import FirmwareProfile, HardwareFacts, Precision
 from hub.api_models import (
+    CohortOut,
     DesiredSummary,
     DeviceDetail,
     DeviceModel,
@@ -75,6 +81,8 @@ from hub.api_models import (
     ErrorDetail,
     ErrorResponse,
     EventOut,
+    GateCheckOut,
+    GateOut,
     Health,
     ModelDetail,
     ModelSetOut,
@@ -85,8 +93,14 @@ from hub.api_models import (
     PlanRowOut,
     PlanWarning,
     PolicyOut,
+    RolloutCommand,
+    RolloutDetail,
+    RolloutDeviceOut,
+    RolloutEventOut,
+    RolloutSummary,
     TelemetryItem,
     TelemetryPage,
+    TransitionOut,
 )
 from hub.config import HubConfig
 from hub.errors import (
@@ -97,6 +111,7 @@ from hub.errors import (
     IngestError,
     InvalidModelName,
     InvalidSha256,
+    InvalidTransition,
     KeyringError,
     MeasureError,
     ModelFileError,
@@ -105,10 +120,14 @@ from hub.errors import (
     PolicyError,
     QuantizeError,
     RegistryError,
+    RolloutConflict,
+    RolloutError,
     StoreError,
 )
 from hub.metrics import CONTENT_TYPE, HubMetrics
 from hub.plan import DevicePlan, render_plan_table
+from hub.rollout import GateResult, counts_of
+from hub.rollouts import OPERATIONS, RolloutView
 from hub.store import (
     DeviceRecord,
     EventRecord,
@@ -169,6 +188,16 @@ class HubServiceLike(Protocol):
 
     def plan(self, selector: Selector | None = None) -> list[DevicePlan]: ...
 
+    def start_rollout(self, text: str, source: str) -> RolloutView: ...
+
+    def operate_rollout(
+        self, name: str, operation: str, reason: str | None = None
+    ) -> RolloutView: ...
+
+    def rollout(self, name: str, *, events: int = 20) -> RolloutView: ...
+
+    def list_rollouts(self) -> list[RolloutView]: ...
+
 
 # --- errors --------------------------------------------------------------------------------
 
@@ -209,6 +238,9 @@ _ERROR_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (QuantizeError, 422, "invalid_model"),
     (InvalidSha256, 422, "invalid_request"),
     (PolicyError, 422, "unresolvable_policy"),
+    (RolloutConflict, 409, "conflict"),
+    (InvalidTransition, 409, "invalid_transition"),
+    (RolloutError, 422, "refused"),
     (RegistryError, 422, "refused"),
     (WireError, 422, "invalid_request"),
     (ConfigError, 500, "hub_config"),
@@ -410,6 +442,126 @@ def plan_device_out(device: DevicePlan) -> PlanDevice:
         warnings=[PlanWarning(code=w.code, message=w.message) for w in resolution.warnings],
         plan=device.plan,
         rows=[PlanRowOut.model_validate(row.as_dict()) for row in render_plan_table([device])],
+    )
+
+
+def _gate_out(result: GateResult) -> GateOut:
+    return GateOut(
+        name=result.name,
+        status=result.status,
+        value=result.value,
+        threshold=result.threshold,
+        reason=result.reason,
+        checks=[
+            GateCheckOut(
+                name=c.name,
+                status=c.status,
+                value=c.value,
+                threshold=c.threshold,
+                reason=c.reason,
+            )
+            for c in result.checks
+        ],
+    )
+
+
+def rollout_summary(view: RolloutView) -> RolloutSummary:
+    spec, state = view.spec, view.state
+    current = state.cohorts[state.cohort].name if state.cohort < len(state.cohorts) else None
+    return RolloutSummary(
+        id=view.id,
+        name=spec.name,
+        policy=spec.policy,
+        model_set=spec.target_ref,
+        baseline=spec.baseline,
+        phase=state.phase,
+        reason=state.reason,
+        cohort=state.cohort,
+        cohort_name=current,
+        cohorts=len(state.cohorts),
+        devices=len(state.devices),
+        counts=counts_of(state),
+        held=state.held,
+        promoted=state.promoted,
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+        started_at=state.started_at,
+        finished_at=state.finished_at,
+    )
+
+
+def rollout_detail(view: RolloutView, *, devices: bool = False) -> RolloutDetail:
+    state = view.state
+    cohorts = []
+    for cohort, shown in zip(state.cohorts, view.progress(), strict=True):
+        by_status = dict(shown.by_status)
+        cohorts.append(
+            CohortOut(
+                index=shown.index,
+                name=shown.name,
+                status=shown.status,
+                total=shown.total,
+                healthy=by_status.get("healthy", 0),
+                failed=by_status.get("failed", 0) + by_status.get("timed_out", 0),
+                by_status=by_status,
+                gates=[_gate_out(g) for g in shown.gates.values()],
+                started_at=cohort.started_at,
+                bake_until=shown.bake_until,
+                finished_at=cohort.finished_at,
+                health_evaluations=cohort.health.evaluations if cohort.health else None,
+            )
+        )
+    device_rows = None
+    if devices:
+        device_rows = [
+            RolloutDeviceOut(
+                device_id=device_id,
+                cohort=a.cohort,
+                status=a.status,
+                pinned=a.pinned,
+                generation=a.generation,
+                switched_at=a.switched_at,
+                finished_at=a.finished_at,
+                reason=a.reason,
+            )
+            for cohort in state.cohorts
+            for device_id in cohort.devices
+            for a in (state.devices[device_id],)
+        ]
+    events = []
+    for e in view.events:
+        data = dict(e.data)
+        cohort_index = data.pop("cohort", None)
+        device = data.pop("device_id", None)
+        data.pop("rollout", None)
+        events.append(
+            RolloutEventOut(
+                id=e.id,
+                ts=e.ts,
+                kind=e.kind,
+                reason=e.message,
+                cohort=cohort_index if isinstance(cohort_index, int) else None,
+                device_id=device if isinstance(device, str) else None,
+                data=data,
+            )
+        )
+    return RolloutDetail(
+        **rollout_summary(view).model_dump(),
+        spec=view.spec,
+        cohort_progress=cohorts,
+        gates=[_gate_out(g) for g in state.gates.values()],
+        transitions=[
+            TransitionOut(
+                at=t.at,
+                from_phase=t.from_phase,
+                to_phase=t.to_phase,
+                cohort=t.cohort,
+                reason=t.reason,
+            )
+            for t in state.transitions
+        ],
+        events=events,
+        device_progress=device_rows,
     )
 
 
@@ -927,5 +1079,77 @@ def create_app(
         page = found[:limit]
         next_cursor = encode_cursor([page[-1].id]) if len(found) > limit else None
         return Page(items=[EventOut.model_validate(e) for e in page], next_cursor=next_cursor)
+
+    # --- rollouts ----------------------------------------------------------------------
+
+    @app.get(f"{v1}/rollouts", response_model=Page[RolloutSummary], tags=["rollouts"])
+    def list_rollouts(
+        phase: Annotated[
+            list[str], Query(description="Only rollouts in this phase; repeatable.")
+        ] = [],  # noqa: B006
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[RolloutSummary]:
+        """Every rollout (or those in the phases given), oldest first."""
+        views = [v for v in service.list_rollouts() if not phase or v.state.phase in phase]
+        page, next_cursor = _page_of(views, lambda v: (v.id,), cursor, limit, [int])
+        return Page(items=[rollout_summary(v) for v in page], next_cursor=next_cursor)
+
+    @app.post(
+        f"{v1}/rollouts",
+        response_model=RolloutDetail,
+        tags=["rollouts"],
+        responses=_WRITE,
+        openapi_extra=_YAML_BODY,
+    )
+    async def start_rollout(request: Request, source: ManifestSource = None) -> RolloutDetail:
+        """Start a rollout from its YAML document (``edgefleet.rollout/1``, the body): bound
+        to its policy's current model set, planned into cohorts and stepped once. 409 when a
+        rollout of that name exists or another rollout holds some of its devices."""
+        text = _document_text(await _read_body(request, MAX_MANIFEST_BYTES))
+        view = await run_in_threadpool(service.start_rollout, text, _source(source, "rollout.yaml"))
+        return rollout_detail(view)
+
+    @app.get(
+        f"{v1}/rollouts/{{name}}",
+        response_model=RolloutDetail,
+        tags=["rollouts"],
+        responses=_NOT_FOUND,
+    )
+    def show_rollout(
+        name: str,
+        events: Annotated[int, Query(ge=0, le=MAX_LIMIT, description="Newest events.")] = 20,
+        devices: Annotated[bool, Query(description="Every device and its status.")] = False,
+    ) -> RolloutDetail:
+        """One rollout: spec, phase, cohorts with their progress and gate values, the
+        rollout-wide gates, transitions and the newest events."""
+        return rollout_detail(service.rollout(name, events=events), devices=devices)
+
+    def _operation_route(operation: str) -> None:
+        async def operate(name: str, command: RolloutCommand | None = None) -> RolloutDetail:
+            reason = command.reason if command is not None else None
+            view = await run_in_threadpool(service.operate_rollout, name, operation, reason)
+            return rollout_detail(view)
+
+        descriptions = {
+            "pause": "Hold a pending or running rollout: no device is switched and no gate "
+            "decides until it is resumed.",
+            "resume": "Continue a paused rollout where it was.",
+            "abort": "Stop the rollout and send every device it pinned back to the baseline.",
+            "rollback": "Undo the rollout (and its promotion): every device it moved goes back "
+            "to the baseline.",
+        }
+        operate.__name__ = f"{operation}_rollout"
+        app.post(
+            f"{v1}/rollouts/{{name}}/{operation}",
+            response_model=RolloutDetail,
+            tags=["rollouts"],
+            responses={**_NOT_FOUND, 409: _WRITE[409]},
+            summary=f"{operation.capitalize()} a rollout",
+            description=descriptions[operation] + " 409 when its phase does not allow it.",
+        )(operate)
+
+    for operation in OPERATIONS:
+        _operation_route(operation)
 
     return app

@@ -15,6 +15,7 @@ from contract.manifests import ModelSet, ModelSetRef, Policy
 from contract.messages import InventoryItem, State, Telemetry
 from contract.profile import FirmwareProfile, HardwareFacts
 from contract.select import Plan
+from hub.rollout.model import RolloutSpec
 
 T = TypeVar("T")
 
@@ -234,3 +235,125 @@ class TelemetryPage(BaseModel):
 
     items: list[TelemetryItem]
     next_cursor: str
+
+
+# --- rollouts ------------------------------------------------------------------------------
+
+
+class GateCheckOut(BaseModel):
+    """One part of a composite gate (the health gate's per-profile, per-model comparison)."""
+
+    name: str
+    status: str = Field(description="passed, failed or pending.")
+    value: float | None = None
+    threshold: float | None = None
+    reason: str = ""
+
+
+class GateOut(GateCheckOut):
+    """A gate's latest evaluation: ``value`` and ``threshold`` in the gate's unit (percent
+    for shares, a count, a latency ratio)."""
+
+    checks: list[GateCheckOut] = Field(default_factory=list)
+
+
+class CohortOut(BaseModel):
+    """One cohort of a rollout: its devices counted by status and its gates."""
+
+    index: int
+    name: str = Field(description="canary, batch 1, batch 2, ...")
+    status: str = Field(description="pending, active, baking, passed, failed or skipped.")
+    total: int
+    healthy: int
+    failed: int = Field(description="Failed and timed out devices.")
+    by_status: dict[str, int]
+    gates: list[GateOut]
+    started_at: float | None
+    bake_until: float | None
+    finished_at: float | None
+    health_evaluations: int | None = Field(
+        default=None, description="Health analysis evaluations so far (the canary)."
+    )
+
+
+class TransitionOut(BaseModel):
+    """A phase transition of a rollout, with its reason."""
+
+    at: float
+    from_phase: str
+    to_phase: str
+    cohort: int | None
+    reason: str
+
+
+class RolloutEventOut(BaseModel):
+    """Something that happened to a rollout (``id`` grows with time)."""
+
+    id: int
+    ts: float
+    kind: str = Field(description="rollout.running, cohort.started, gate.failed, ...")
+    reason: str
+    cohort: int | None = None
+    device_id: str | None = None
+    data: dict[str, Any]
+
+
+class RolloutDeviceOut(BaseModel):
+    """One device of a rollout and how far it got."""
+
+    device_id: str
+    cohort: int
+    status: str = Field(
+        description="waiting, switched, applied, healthy, failed, timed_out, unreachable or "
+        "skipped."
+    )
+    pinned: bool
+    generation: int | None
+    switched_at: float | None
+    finished_at: float | None
+    reason: str
+
+
+class RolloutSummary(BaseModel):
+    """A rollout in a list: what moves where, its phase and its devices by status."""
+
+    id: int
+    name: str
+    policy: str
+    model_set: ModelSetRef = Field(description="The target.")
+    baseline: ModelSetRef | None = Field(description="The policy's model set at the start.")
+    phase: str = Field(
+        description="pending, running, paused, succeeded, failed, aborted or rolled_back."
+    )
+    reason: str = Field(description="The reason of the last transition.")
+    cohort: int = Field(description="Index of the current cohort (= cohorts once all passed).")
+    cohort_name: str | None
+    cohorts: int
+    devices: int
+    counts: dict[str, int] = Field(description="Devices by status.")
+    held: str | None = Field(description="Why switching is held now (a closed window).")
+    promoted: bool
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class RolloutDetail(RolloutSummary):
+    """A rollout in full: its spec, every cohort with its gates, the rollout-wide gates,
+    its transitions and newest events, and with ``?devices=true`` every device."""
+
+    spec: RolloutSpec
+    cohort_progress: list[CohortOut]
+    gates: list[GateOut] = Field(description="error_threshold and max_failures.")
+    transitions: list[TransitionOut]
+    events: list[RolloutEventOut] = Field(description="Newest first.")
+    device_progress: list[RolloutDeviceOut] | None = None
+
+
+class RolloutCommand(BaseModel):
+    """The body of pause, resume, abort and rollback (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=500, description="Why; kept in the event.")

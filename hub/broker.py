@@ -54,6 +54,9 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def _sets(self, option: str) -> bool:
+        return any(line.split()[:1] == [option] for line in self.extra_config)
+
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.port:
@@ -69,7 +72,7 @@ class MosquittoBroker:
             "sys_interval 1",
             f"max_queued_messages {self.max_queued_messages}",
             # As root, mosquitto drops to its own user and could not write this directory.
-            *(["user root"] if os.geteuid() == 0 else []),
+            *(["user root"] if os.geteuid() == 0 and not self._sets("user") else []),
             "max_inflight_messages 0",
             *self.extra_config,
         ]

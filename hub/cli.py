@@ -4,9 +4,11 @@ Each command group adds itself to the parser in an ``_add_<group>`` function and
 ``handler`` (a function of the parsed arguments returning the exit code). Any
 ``EdgefleetError`` a handler raises becomes one line on stderr and exit code 2.
 
-Local commands work on the hub's files (``init``, ``keys``, ``schema``, ``serve``); the fleet
-commands (``devices``, ``model``, ``modelset``, ``policy``, ``plan``, ``events``,
-``telemetry``, ``health``) are clients of a running hub's HTTP API:
+Local commands work on the hub's files (``init``, ``keys``, ``schema``, ``serve``) and on the
+fleet CA (``ca init|crl``, ``device enroll|revoke|evict``, ``broker-config``; see
+docs/enrollment.md); the fleet commands (``devices``, ``model``, ``modelset``, ``policy``,
+``plan``, ``events``, ``telemetry``, ``health``, ``rollout``) are clients of a running hub's
+HTTP API:
 
 - the hub's URL: ``--hub URL``, else ``[api] bind`` of the hub.toml given with
   ``--config``, else ``$EDGEFLEET_HUB_URL``, else the bind of ``$EDGEFLEET_HUB_CONFIG``'s
@@ -38,7 +40,7 @@ from contract.errors import EdgefleetError
 from hub.errors import ClientError, CliError
 
 if TYPE_CHECKING:
-    from hub.api_models import TelemetryItem
+    from hub.api_models import RolloutDetail, TelemetryItem
     from hub.client import HubClient
     from hub.config import HubConfig
 
@@ -49,6 +51,9 @@ TOKEN_ENV = "EDGEFLEET_HUB_TOKEN"
 DEFAULT_HUB_URL = "http://127.0.0.1:8600"
 """Where the fleet commands look for the API by default: hub.toml's default ``[api] bind``."""
 FOLLOW_INTERVAL_S = 2.0
+WATCH_INTERVAL_S = 2.0
+"""How often ``rollout status --watch`` asks the hub."""
+TERMINAL_PHASES = ("succeeded", "failed", "aborted", "rolled_back")
 
 Handler = Callable[[argparse.Namespace], int]
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -708,6 +713,611 @@ def _add_fleet(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tail.set_defaults(handler=_telemetry_tail)
 
 
+def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hub.simulate import add_simulate_arguments
+
+    simulate = commands.add_parser(
+        "simulate", help="run N simulated agents on real MQTT connections (rehearse a rollout)"
+    )
+    add_simulate_arguments(simulate)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``demo``: the whole product on this machine (hub/demo.py)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from hub.demo import DemoOptions, run_demo
+
+        return run_demo(
+            DemoOptions(
+                quick=args.quick,
+                keep=args.keep,
+                devices=args.devices,
+                bake_s=args.bake,
+                load_s=args.load,
+                rps=args.rps,
+                workdir=args.workdir,
+                summary_json=args.summary_json,
+                broker=args.broker,
+                rollouts=args.rollouts,
+                live=args.live,
+            )
+        )
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a broker, a hub and a fleet of real agents here, with rollouts and load",
+        description="Start a broker, a hub and several agents (one firmware profile each) on "
+        "this machine, register the OCR models, roll out a new model set while a load "
+        "generator calls the agents, then a broken one that the canary stops; print a "
+        "summary and stop everything (Ctrl-C stops everything too).",
+    )
+    demo.add_argument("--quick", action="store_true", help="3 devices, no bake, short load")
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the fleet running afterwards, until Ctrl-C"
+    )
+    demo.add_argument("--devices", type=int, metavar="N", help="agents to run (default 6)")
+    demo.add_argument("--bake", type=float, metavar="SECONDS", help="bake after each cohort")
+    demo.add_argument(
+        "--load", type=float, metavar="SECONDS", help="load before and after the rollouts"
+    )
+    demo.add_argument("--rps", type=float, help="requests per second to each device")
+    demo.add_argument(
+        "--workdir", type=Path, metavar="DIR", help="keep the demo's files here (default: temp)"
+    )
+    demo.add_argument(
+        "--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON"
+    )
+    demo.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="mosquitto, the embedded amqtt, or auto: mosquitto when installed (default)",
+    )
+    demo.add_argument(
+        "--no-rollouts", dest="rollouts", action="store_false", help="skip the rollouts"
+    )
+    demo.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the live table (default: on a terminal)",
+    )
+    demo.set_defaults(handler=run)
+
+
+# --- rollouts ----------------------------------------------------------------------------
+
+# (flag dest, the spec's path). Numbers become numbers (``_flag_value``); the rest stays
+# text that the hub checks with the spec's own rules, so "10m", "5%" and "25,50,100" work.
+_TEXT_FLAGS = frozenset({"name", "policy", "to", "model_set", "on_failure"})
+_ROLLOUT_FLAGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("name", ("name",)),
+    ("policy", ("policy",)),
+    ("to", ("target",)),
+    ("model_set", ("model_set",)),
+    ("canary", ("cohorts", "canary")),
+    ("batches", ("cohorts", "batches")),
+    ("bake", ("cohorts", "bake_s")),
+    ("success_threshold", ("gates", "success_threshold")),
+    ("error_threshold", ("gates", "error_threshold")),
+    ("min_finished", ("gates", "min_finished")),
+    ("max_failures", ("gates", "max_failures")),
+    ("device_timeout", ("device_timeout_s",)),
+    ("cohort_timeout", ("cohort_timeout_s",)),
+    ("offline_grace", ("offline", "grace_s")),
+    ("unreachable_fails", ("offline", "unreachable_fails")),
+    ("only_when_idle", ("only_when_idle",)),
+    ("idle_max_rps", ("idle_max_rps",)),
+    ("on_failure", ("on_failure",)),
+    ("promote", ("promote",)),
+    ("health_window", ("health", "window_s")),
+    ("health_interval", ("health", "interval_s")),
+    ("latency_tolerance", ("health", "latency_tolerance")),
+    ("latency_margin_ms", ("health", "latency_margin_ms")),
+    ("error_rate_tolerance", ("health", "error_rate_tolerance")),
+    ("error_rate_margin", ("health", "error_rate_margin")),
+    ("min_requests", ("health", "min_requests")),
+    ("max_missing_data", ("health", "max_missing_data")),
+    ("max_failed_evaluations", ("health", "max_failed")),
+)
+_NAME_CHARS = re.compile(r"[^a-z0-9._-]+")
+
+
+def _flag_value(value: object) -> object:
+    """A number given as a flag is a number in the spec (its numbers are strict)."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _put(document: dict[str, object], path: tuple[str, ...], value: object) -> None:
+    node = document
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def default_rollout_name(policy: str, target: str, now: float | None = None) -> str:
+    """``<policy>-<target>-<UTC time>``, made a valid rollout name."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    base = _NAME_CHARS.sub("-", f"{policy}-{target}".lower()).strip("-._") or "rollout"
+    return f"{base[:48]}-{stamp:%Y%m%d-%H%M%S}"
+
+
+def rollout_document(args: argparse.Namespace) -> tuple[str, str]:
+    """The rollout YAML to send and its source name: FILE as it is when no flag changes
+    it (so errors name its lines), else FILE's fields with the flags' on top."""
+    import yaml
+
+    file: Path | None = args.file
+    text = _read_text(file) if file is not None else ""
+    given = [
+        (path, value if dest in _TEXT_FLAGS else _flag_value(value))
+        for dest, path in _ROLLOUT_FLAGS
+        if (value := getattr(args, dest)) is not None
+    ]
+    if args.label or args.profile or args.device:
+        selector: dict[str, object] = {}
+        if args.label:
+            selector["labels"] = _labels(args.label)
+        if args.profile:
+            selector["profiles"] = list(args.profile)
+        if args.device:
+            selector["devices"] = list(args.device)
+        given.append((("selector",), selector))
+    if args.window:
+        windows = [{"cron": cron, "timezone": args.timezone or "UTC"} for cron in args.window]
+        given.append((("windows",), windows))
+    if args.health and not any(path[0] == "health" for path, _ in given):
+        given.append((("health",), {}))
+    source = str(file) if file is not None else "<command line>"
+    if file is not None and not given:
+        return text, source
+    try:
+        loaded = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise CliError(f"{source}: not YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(loaded, dict):
+        raise CliError(f"{source}: expected a mapping (a rollout document)")
+    document: dict[str, object] = dict(loaded)
+    for path, value in given:
+        _put(document, path, value)
+    if "name" not in document:
+        policy, target = document.get("policy"), document.get("target")
+        if not isinstance(policy, str) or not isinstance(target, str | int | float):
+            raise CliError("give a rollout FILE, or --policy and --to (and optionally --name)")
+        document["name"] = default_rollout_name(policy, str(target))
+    if file is not None:
+        source += " (with flags)"
+    return yaml.safe_dump(document, sort_keys=False), source
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    from hub import cli_output
+
+    text, source = rollout_document(args)
+    with _client(args) as hub:
+        detail = hub.start_rollout(text, source)
+        if args.watch:
+            return _watch(hub, detail.name, args)
+    if args.json:
+        cli_output.print_model(detail)
+    else:
+        cli_output.print_rollout(detail)
+    return 0
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    from hub import cli_output
+
+    with _client(args) as hub:
+        if args.watch:
+            return _watch(hub, args.name, args)
+        detail = hub.rollout(args.name, events=args.events, devices=args.devices)
+    if args.json:
+        cli_output.print_model(detail)
+    else:
+        cli_output.print_rollout(detail)
+    return 0
+
+
+def _watch(hub: HubClient, name: str, args: argparse.Namespace) -> int:
+    """Refresh the status every ``--interval`` until the rollout ends (exit 0 when it
+    succeeded, 1 otherwise; Ctrl-C: 130)."""
+    from hub import cli_output
+
+    def fetch() -> RolloutDetail:
+        return hub.rollout(name, events=args.events, devices=args.devices)
+
+    detail = fetch()
+    if args.json:
+        cli_output.print_json_line(detail)
+        while detail.phase not in TERMINAL_PHASES:
+            time.sleep(args.interval)
+            detail = fetch()
+            cli_output.print_json_line(detail)
+            sys.stdout.flush()
+    elif cli_output.interactive():
+        with cli_output.live(cli_output.rollout_view(detail)) as live:
+            while detail.phase not in TERMINAL_PHASES:
+                time.sleep(args.interval)
+                detail = fetch()
+                live.update(cli_output.rollout_view(detail), refresh=True)
+    else:  # not a terminal: the final status only
+        while detail.phase not in TERMINAL_PHASES:
+            time.sleep(args.interval)
+            detail = fetch()
+        cli_output.print_rollout(detail)
+    return 0 if detail.phase == "succeeded" else 1
+
+
+def _rollout_list(args: argparse.Namespace) -> int:
+    from hub import cli_output
+
+    with _client(args) as hub:
+        rollouts = list(hub.iter_rollouts(phases=args.phase or ()))
+    if args.json:
+        cli_output.print_models(rollouts)
+    else:
+        cli_output.rollouts_table(rollouts)
+    return 0
+
+
+def _rollout_operate(args: argparse.Namespace) -> int:
+    from hub import cli_output
+
+    with _client(args) as hub:
+        detail = hub.operate_rollout(args.name, args.operation, args.reason or "")
+    if args.json:
+        cli_output.print_model(detail)
+    else:
+        print(f"rollout {detail.name}: {detail.phase} ({detail.reason})")
+    return 0
+
+
+def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    both = [_connection(suppress=True), _json()]
+    rollout = commands.add_parser(
+        "rollout", help="move a policy's devices to another model-set version, in cohorts"
+    )
+    sub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
+
+    def watch_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=WATCH_INTERVAL_S,
+            help=f"seconds between refreshes with --watch (default {WATCH_INTERVAL_S:g})",
+        )
+        parser.add_argument(
+            "--events", type=int, default=10, help="newest events to show (default 10)"
+        )
+        parser.add_argument("--devices", action="store_true", help="list every device")
+
+    start = sub.add_parser(
+        "start",
+        help="start a rollout from a YAML file and/or flags (docs/rollouts.md)",
+        parents=both,
+        description="Start a rollout. FILE is an edgefleet.rollout/1 document; each flag "
+        "sets the spec field of the same meaning (on top of FILE's). Durations: 90, 45s, "
+        "10m, 1h30m; shares: 10 or 10%%.",
+    )
+    start.add_argument("file", metavar="FILE", type=Path, nargs="?", help="the rollout YAML")
+    start.add_argument("--name", help="the rollout's name (default: POLICY-VERSION-time)")
+    start.add_argument("--policy", help="the policy whose model set moves")
+    start.add_argument("--to", metavar="VERSION", help="the model-set version to move to")
+    start.add_argument("--model-set", metavar="NAME", help="target model set (default: same)")
+    start.add_argument("--label", metavar="KEY=VALUE", action="append", help="narrow: label")
+    start.add_argument("--profile", action="append", help="narrow: firmware profile")
+    start.add_argument("--device", action="append", help="narrow: device id")
+    cohorts = start.add_argument_group("cohorts")
+    cohorts.add_argument("--canary", metavar="N|P%%", help="canary devices: a count or a share")
+    cohorts.add_argument("--batches", metavar="P,P,...", help="cumulative percentages to 100")
+    cohorts.add_argument("--bake", metavar="DURATION", help="bake after every cohort")
+    gates = start.add_argument_group("gates")
+    gates.add_argument("--success-threshold", metavar="PCT")
+    gates.add_argument("--error-threshold", metavar="PCT")
+    gates.add_argument("--min-finished", metavar="N")
+    gates.add_argument("--max-failures", metavar="N")
+    gates.add_argument("--device-timeout", metavar="DURATION")
+    gates.add_argument("--cohort-timeout", metavar="DURATION")
+    gates.add_argument("--offline-grace", metavar="DURATION")
+    gates.add_argument(
+        "--unreachable-fails", action="store_const", const=True, help="count them as failed"
+    )
+    health = start.add_argument_group("health analysis (the canary against the baseline)")
+    health.add_argument("--health", action="store_true", help="enable it with its defaults")
+    health.add_argument("--health-window", metavar="DURATION")
+    health.add_argument("--health-interval", metavar="DURATION")
+    health.add_argument("--latency-tolerance", metavar="X")
+    health.add_argument("--latency-margin-ms", metavar="MS")
+    health.add_argument("--error-rate-tolerance", metavar="X")
+    health.add_argument("--error-rate-margin", metavar="RATE")
+    health.add_argument("--min-requests", metavar="N")
+    health.add_argument("--max-missing-data", metavar="N")
+    health.add_argument("--max-failed-evaluations", metavar="N")
+    when = start.add_argument_group("when devices switch")
+    when.add_argument(
+        "--window", metavar="CRON", action="append", help="maintenance window (repeatable)"
+    )
+    when.add_argument("--timezone", metavar="TZ", help="of the windows (default UTC)")
+    when.add_argument("--only-when-idle", action="store_const", const=True)
+    when.add_argument("--idle-max-rps", metavar="RPS")
+    start.add_argument("--on-failure", choices=("rollback", "hold"))
+    promote = start.add_mutually_exclusive_group()
+    promote.add_argument("--promote", dest="promote", action="store_const", const=True)
+    promote.add_argument("--no-promote", dest="promote", action="store_const", const=False)
+    start.add_argument("--watch", action="store_true", help="then show its status until it ends")
+    watch_options(start)
+    start.set_defaults(handler=_rollout_start, promote=None)
+
+    status = sub.add_parser(
+        "status", help="a rollout's cohorts, progress and gate values", parents=both
+    )
+    status.add_argument("name", metavar="NAME")
+    status.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="refresh until it ends (exit 0: succeeded; 1: failed, aborted, rolled back)",
+    )
+    watch_options(status)
+    status.set_defaults(handler=_rollout_status)
+
+    listing = sub.add_parser("list", help="every rollout, oldest first", parents=both)
+    listing.add_argument("--phase", action="append", help="only this phase (repeatable)")
+    listing.set_defaults(handler=_rollout_list)
+
+    helps = {
+        "pause": "hold a rollout: nothing is switched and no gate decides",
+        "resume": "continue a paused rollout",
+        "abort": "stop and send every device it pinned back to the baseline",
+        "rollback": "undo a rollout (and its promotion): devices back to the baseline",
+    }
+    for operation, text in helps.items():
+        command = sub.add_parser(operation, help=text, parents=both)
+        command.add_argument("name", metavar="NAME")
+        command.add_argument("--reason", help="why (kept in the rollout's events)")
+        command.set_defaults(handler=_rollout_operate, operation=operation)
+
+
+# --- CA, enrollment, broker (local; docs/enrollment.md) --------------------------------------
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    from hub.ca import ca_init
+
+    result = ca_init(
+        args.dir,
+        common_name=args.common_name,
+        hub_name=args.hub_name,
+        validity_days=args.days,
+        crl_days=args.crl_days,
+    )
+    print(f"created the fleet CA in {result.directory}")
+    print(f"  CA certificate   {result.ca_cert}")
+    print(f"  revocation list  {result.crl}")
+    print(f"  hub certificate  {result.hub_cert}  (hub.toml [broker] cert_file)")
+    print(f"  hub key          {result.hub_key}  (hub.toml [broker] key_file)")
+    return 0
+
+
+def _ca_crl(args: argparse.Namespace) -> int:
+    from hub.ca import CertificateAuthority, refresh_crl
+
+    path = refresh_crl(args.dir, crl_days=args.days)
+    expires = datetime.fromtimestamp(CertificateAuthority(args.dir).crl_expires_at, UTC)
+    print(f"re-signed {path}; valid until {expires:%Y-%m-%d %H:%M} UTC (reload the broker)")
+    return 0
+
+
+def _device_enroll(args: argparse.Namespace) -> int:
+    from hub.ca import DEFAULT_DEVICE_DAYS
+    from hub.enroll import enroll_device, parse_labels
+    from hub.store import Store
+
+    config = _load_local_config(args)
+    csr = None
+    if args.csr is not None:
+        try:
+            csr = args.csr.read_bytes()
+        except OSError as exc:
+            raise CliError(f"{args.csr}: cannot read: {exc.strerror or exc}") from None
+    with Store(config.store_path) as store:
+        bundle = enroll_device(
+            args.ca,
+            args.device_id,
+            args.out,
+            broker_url=args.broker_url,
+            hub_keys_file=config.public_keys_path,
+            labels=parse_labels(args.labels or ""),
+            validity_days=args.days or DEFAULT_DEVICE_DAYS,
+            csr=csr,
+            replace=args.replace,
+            store=store,
+        )
+    print(f"enrolled {bundle.device_id}: certificate {bundle.certificate.serial:x}")
+    print(f"  bundle  {bundle.directory}  (copy it to /etc/edgefleet/ on the device; secret)")
+    for path in sorted(bundle.files.values()):
+        print(f"    {path.name}")
+    if bundle.replaced:
+        serials = ", ".join(f"{r.serial:x}" for r in bundle.replaced)
+        print(f"  revoked the earlier certificate(s) {serials}: reload the broker")
+    return 0
+
+
+def _device_revoke(args: argparse.Namespace) -> int:
+    from hub.enroll import revoke_device
+    from hub.store import Store
+
+    config = _load_local_config(args)
+    with Store(config.store_path) as store:
+        done = revoke_device(args.ca, args.device_id, store=store, reason=args.reason)
+    what = f"{len(done.revoked)} certificate(s)" if done.revoked else "no new certificate"
+    print(f"revoked {done.device_id}: {what}; CRL {done.crl}")
+    print(f"  removed {done.desired_removed} desired document(s) from the hub's store")
+    print(f"next: reload the broker, then {PROG} device evict {done.device_id}")
+    return 0
+
+
+def _device_evict(args: argparse.Namespace) -> int:
+    from hub.enroll import evict_device
+
+    config = _load_local_config(args)
+    evict_device(config, args.device_id, timeout=args.timeout)
+    print(f"evicted {args.device_id}: connection closed, retained desired document cleared")
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from hub.broker_config import server_certificate_names, write_broker_config
+    from hub.ca import DEFAULT_HUB_NAME
+
+    files = write_broker_config(
+        args.out,
+        args.ca,
+        fleet_size=args.fleet_size,
+        server_names=args.server_name or ("localhost", "127.0.0.1"),
+        port=args.port,
+        bind=args.bind,
+        hub_port=None if args.no_hub_listener else args.hub_port,
+        hub_bind=args.hub_bind,
+        hub_names=args.hub_name or (DEFAULT_HUB_NAME,),
+        plain_port=args.plain_port,
+        persistence_dir=args.persistence_dir,
+        log_file=args.log_file,
+        max_packet_bytes=args.max_packet_bytes,
+        queue_per_device=args.queue_per_device,
+        run_as_root=args.run_as_root,
+        broker_user=args.broker_user or None,
+    )
+    settings = files.settings
+    print(f"wrote the broker configuration to {files.config.parent}")
+    print(f"  configuration  {files.config}")
+    print(f"  ACL            {files.acl}")
+    names = ", ".join(server_certificate_names(files.server_cert))
+    print(f"  certificate    {files.server_cert}  ({names})")
+    print(f"  devices        port {settings.port}, up to {settings.max_connections} connections")
+    if settings.hub_port is not None:
+        print(f"  hub            {settings.hub_bind}:{settings.hub_port} (client certificate)")
+    if files.hub_password_file is not None:
+        print(f"  hub password   {files.hub_password_file}  (hub.toml [broker] password_file)")
+    print(f"run: mosquitto -c {files.config}")
+    return 0
+
+
+def _add_security(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hub.broker_config import (
+        DEFAULT_HUB_BIND,
+        DEFAULT_HUB_PORT,
+        DEFAULT_MAX_PACKET_BYTES,
+        DEFAULT_PORT,
+        DEFAULT_QUEUE_PER_DEVICE,
+    )
+    from hub.ca import (
+        DEFAULT_CA_DAYS,
+        DEFAULT_CA_NAME,
+        DEFAULT_CRL_DAYS,
+        DEFAULT_DEVICE_DAYS,
+        DEFAULT_HUB_NAME,
+        REVOCATION_REASONS,
+    )
+
+    config = _config_option()
+    ca = commands.add_parser("ca", help="the fleet CA (docs/enrollment.md)")
+    sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
+    init = sub.add_parser("init", help="create the fleet CA and the hub's broker certificate")
+    init.add_argument("dir", metavar="DIR", type=Path)
+    init.add_argument("--common-name", default=DEFAULT_CA_NAME, help="the CA's name")
+    init.add_argument("--hub-name", default=DEFAULT_HUB_NAME, help="the hub's broker account")
+    init.add_argument(
+        "--days", type=int, default=DEFAULT_CA_DAYS, help="CA validity (default %(default)s)"
+    )
+    init.add_argument(
+        "--crl-days",
+        type=int,
+        default=DEFAULT_CRL_DAYS,
+        help="CRL validity (default %(default)s)",
+    )
+    init.set_defaults(handler=_ca_init)
+    crl = sub.add_parser("crl", help="re-sign the revocation list (before it expires)")
+    crl.add_argument("dir", metavar="DIR", type=Path)
+    crl.add_argument("--days", type=int, help="validity in days (default: the CA's setting)")
+    crl.set_defaults(handler=_ca_crl)
+
+    device = commands.add_parser("device", help="enroll, revoke and evict one device")
+    sub = device.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
+    enroll = sub.add_parser(
+        "enroll", help="issue a device certificate and write its agent bundle", parents=[config]
+    )
+    enroll.add_argument("device_id", metavar="ID")
+    enroll.add_argument("--ca", metavar="DIR", type=Path, required=True, help="the CA directory")
+    enroll.add_argument("--out", metavar="OUT", type=Path, required=True, help="a new bundle dir")
+    enroll.add_argument(
+        "--broker-url", metavar="URL", required=True, help="mqtts://host:8883 as devices see it"
+    )
+    enroll.add_argument("--labels", metavar="K=V,...", help="the device's labels")
+    enroll.add_argument("--csr", metavar="FILE", type=Path, help="certify the device's own key")
+    enroll.add_argument(
+        "--days", type=int, help=f"certificate validity (default {DEFAULT_DEVICE_DAYS})"
+    )
+    enroll.add_argument(
+        "--replace", action="store_true", help="re-key: revoke its earlier certificates"
+    )
+    enroll.set_defaults(handler=_device_enroll)
+    revoke = sub.add_parser(
+        "revoke", help="revoke its certificates and forget its desired state", parents=[config]
+    )
+    revoke.add_argument("device_id", metavar="ID")
+    revoke.add_argument("--ca", metavar="DIR", type=Path, required=True, help="the CA directory")
+    revoke.add_argument("--reason", default="unspecified", choices=REVOCATION_REASONS)
+    revoke.set_defaults(handler=_device_revoke)
+    evict = sub.add_parser(
+        "evict",
+        help="close its broker connection and clear its retained document",
+        parents=[config],
+    )
+    evict.add_argument("device_id", metavar="ID")
+    evict.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    evict.set_defaults(handler=_device_evict)
+
+    broker = commands.add_parser("broker-config", help="write the mosquitto configuration")
+    broker.add_argument("out", metavar="OUT", type=Path)
+    broker.add_argument("--ca", metavar="DIR", type=Path, required=True, help="the CA directory")
+    broker.add_argument("--fleet-size", type=int, required=True, help="devices to size it for")
+    broker.add_argument(
+        "--server-name",
+        action="append",
+        help="a host name or address devices connect to (repeatable; default localhost, 127.0.0.1)",
+    )
+    broker.add_argument("--port", type=int, default=DEFAULT_PORT, help="devices' TLS port")
+    broker.add_argument("--bind", help="devices' listener address (default: all)")
+    broker.add_argument("--hub-port", type=int, default=DEFAULT_HUB_PORT, help="hub TLS port")
+    broker.add_argument("--hub-bind", default=DEFAULT_HUB_BIND, help="hub listener address")
+    broker.add_argument("--no-hub-listener", action="store_true", help="no hub TLS listener")
+    broker.add_argument("--hub-name", action="append", help="a hub account (repeatable)")
+    broker.add_argument("--plain-port", type=int, help="a loopback listener without TLS too")
+    broker.add_argument("--persistence-dir", type=Path, help="default OUT/data")
+    broker.add_argument("--log-file", type=Path, help="default: the system log")
+    broker.add_argument("--max-packet-bytes", type=int, default=DEFAULT_MAX_PACKET_BYTES)
+    broker.add_argument("--queue-per-device", type=int, default=DEFAULT_QUEUE_PER_DEVICE)
+    broker.add_argument("--run-as-root", action="store_true", help="emit `user root`")
+    broker.add_argument(
+        "--broker-user", default="mosquitto", help="owner of the broker's files when run as root"
+    )
+    broker.set_defaults(handler=_broker_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; command groups register themselves here."""
     parser = argparse.ArgumentParser(
@@ -719,7 +1329,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_schema(commands)
     _add_local(commands)
+    _add_security(commands)
     _add_fleet(commands)
+    _add_rollout(commands)
+    _add_demo(commands)
+    _add_simulate(commands)
     return parser
 
 

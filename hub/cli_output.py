@@ -11,23 +11,31 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from hub.api_models import (
+    CohortOut,
     DeviceDetail,
     DeviceSummary,
     EventOut,
+    GateOut,
     ModelDetail,
     ModelSetOut,
     ModelVariant,
     PlanOut,
     PolicyOut,
+    RolloutDetail,
+    RolloutSummary,
     TelemetryItem,
 )
 from hub.plan import PLAN_COLUMNS
@@ -413,4 +421,150 @@ def events_table(events: Sequence[EventOut]) -> None:
     table = _table("TIME", "DEVICE", "KIND", "GENERATION", "MESSAGE")
     for e in events:
         table.add_row(when(e.ts), e.device_id, e.kind, _text(e.generation), e.message)
+    _print(table)
+
+
+# --- rollouts --------------------------------------------------------------------------------
+
+BAR_WIDTH = 24
+_DONE = ("healthy", "failed", "timed_out", "skipped", "unreachable")
+_ORDER = ("healthy", "applied", "switched", "waiting", "failed", "timed_out", "unreachable")
+
+
+def _ref(ref: Any) -> str:
+    return "-" if ref is None else f"{ref.name} {ref.version}"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    ordered = [k for k in _ORDER if counts.get(k)] + sorted(k for k in counts if k not in _ORDER)
+    return ", ".join(f"{counts[k]} {k}" for k in ordered if counts.get(k)) or "-"
+
+
+def _gate(gate: GateOut) -> str:
+    """``success 100/95 passed``, ``health 3.00/1.5 failed``: value against threshold."""
+    if gate.value is None and gate.threshold is None:
+        figures = ""
+    elif gate.name == "health" or gate.name.startswith("health"):
+        value = "-" if gate.value is None else f"{gate.value:.2f}x"
+        threshold = "-" if gate.threshold is None else f"{gate.threshold:g}x"
+        figures = f" {value}/{threshold}"
+    else:
+        value = "-" if gate.value is None else f"{gate.value:.4g}"
+        threshold = "-" if gate.threshold is None else f"{gate.threshold:g}"
+        figures = f" {value}/{threshold}"
+    return f"{gate.name}{figures} {gate.status}"
+
+
+def _bake(cohort: CohortOut, now: float) -> str:
+    if cohort.status != "baking" or cohort.bake_until is None:
+        return ""
+    left = cohort.bake_until - now
+    return f"bake {left:.0f}s left" if left > 0 else "bake over"
+
+
+def _cohort_table(detail: RolloutDetail, now: float) -> Table:
+    table = _table("COHORT", "STATUS", "PROGRESS", "HEALTHY", "DEVICES", "GATES")
+    for cohort in detail.cohort_progress:
+        done = sum(cohort.by_status.get(k, 0) for k in _DONE)
+        bar = ProgressBar(total=max(cohort.total, 1), completed=done, width=BAR_WIDTH)
+        if cohort.total == 0:
+            bar = ProgressBar(total=1, completed=1, width=BAR_WIDTH)
+        status = cohort.status
+        if detail.phase in ("running", "paused") and cohort.index == detail.cohort:
+            status = f"> {status}"
+        extra = _bake(cohort, now)
+        gates = "; ".join(_gate(g) for g in cohort.gates)
+        table.add_row(
+            cohort.name,
+            status + (f" ({extra})" if extra else ""),
+            bar,
+            f"{cohort.healthy}/{cohort.total}",
+            _counts(cohort.by_status),
+            gates or "-",
+        )
+    return table
+
+
+def rollout_view(detail: RolloutDetail, *, now: float | None = None) -> RenderableType:
+    """A rollout for people: what moves where, each cohort with a progress bar and its
+    gate values, the rollout-wide gates, the newest events (``status --watch`` refreshes
+    this)."""
+    now = time.time() if now is None else now
+    header = _fields(
+        [
+            ("rollout", f"{detail.name} (policy {detail.policy})"),
+            ("moves", f"{_ref(detail.baseline)} -> {_ref(detail.model_set)}"),
+            ("phase", f"{detail.phase}: {detail.reason}" if detail.reason else detail.phase),
+            ("devices", f"{detail.devices}: {_counts(detail.counts)}"),
+        ]
+        + ([("held", detail.held)] if detail.held else [])
+        + ([("gates", "; ".join(_gate(g) for g in detail.gates))] if detail.gates else [])
+    )
+    parts: list[RenderableType] = [header, Text(""), _cohort_table(detail, now)]
+    health = [c for cohort in detail.cohort_progress for g in cohort.gates for c in g.checks]
+    if health:
+        checks = _table("CHECK", "STATUS", "VALUE", "ALLOWED", "WHY")
+        for check in health:
+            checks.add_row(
+                check.name,
+                check.status,
+                "-" if check.value is None else f"{check.value:.3g}",
+                "-" if check.threshold is None else f"{check.threshold:.3g}",
+                check.reason,
+            )
+        parts += [Text(""), checks]
+    if detail.events:
+        events = _table("TIME", "EVENT", "COHORT", "DEVICE", "REASON")
+        names = {c.index: c.name for c in detail.cohort_progress}
+        for e in detail.events:
+            cohort = names.get(e.cohort, "-") if e.cohort is not None else "-"
+            events.add_row(when(e.ts), e.kind, cohort, e.device_id or "-", e.reason)
+        parts += [Text(""), events]
+    if detail.device_progress:
+        devices = _table("DEVICE", "COHORT", "STATUS", "PINNED", "GENERATION", "REASON")
+        names = {c.index: c.name for c in detail.cohort_progress}
+        for d in detail.device_progress:
+            devices.add_row(
+                d.device_id,
+                names.get(d.cohort, str(d.cohort)),
+                d.status,
+                _text(d.pinned),
+                _text(d.generation),
+                d.reason or "-",
+            )
+        parts += [Text(""), devices]
+    return Group(*parts)
+
+
+def print_rollout(detail: RolloutDetail) -> None:
+    _print(rollout_view(detail))
+
+
+def interactive() -> bool:
+    """Whether stdout is a terminal a live display can redraw."""
+    return console().is_terminal
+
+
+def live(renderable: RenderableType) -> Live:
+    """A display redrawn in place on a terminal (``update(..., refresh=True)``)."""
+    return Live(renderable, console=console(), auto_refresh=False, transient=False)
+
+
+def rollouts_table(rollouts: Sequence[RolloutSummary]) -> None:
+    if not rollouts:
+        _empty("rollouts")
+        return
+    table = _table("NAME", "POLICY", "FROM", "TO", "PHASE", "COHORT", "DEVICES", "CREATED")
+    for r in rollouts:
+        cohort = r.cohort_name or ("done" if r.cohort >= r.cohorts else "-")
+        table.add_row(
+            r.name,
+            r.policy,
+            _ref(r.baseline),
+            _ref(r.model_set),
+            r.phase,
+            cohort,
+            f"{r.devices}: {_counts(r.counts)}",
+            when(r.created_at),
+        )
     _print(table)

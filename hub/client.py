@@ -11,6 +11,7 @@ response came back), so the CLI prints it as one line.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,8 @@ from hub.api_models import (
     Page,
     PlanOut,
     PolicyOut,
+    RolloutDetail,
+    RolloutSummary,
     TelemetryPage,
 )
 from hub.errors import ClientError, HubUnreachable
@@ -332,6 +335,36 @@ class HubClient:
         """Events newest first (at most ``limit``; None for all)."""
         params: dict[str, Any] = {"device": device, "kind": kind, "since": since}
         return self._pages(EventOut, "/v1/events", params, limit)
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    def start_rollout(self, text: str, source: str) -> RolloutDetail:
+        """Start a rollout from its YAML document (``edgefleet.rollout/1``); errors name
+        ``source``, the line and field."""
+        return self._apply(RolloutDetail, "/v1/rollouts", text, source)
+
+    def iter_rollouts(self, *, phases: Iterable[str] = ()) -> Iterator[RolloutSummary]:
+        """Every rollout (or those in ``phases``), oldest first."""
+        return self._pages(RolloutSummary, "/v1/rollouts", {"phase": list(phases)}, None)
+
+    def rollout(self, name: str, *, events: int = 20, devices: bool = False) -> RolloutDetail:
+        """One rollout: spec, phase, cohorts with gate values, the newest ``events``; every
+        device with ``devices``."""
+        return self._get(
+            RolloutDetail,
+            f"/v1/rollouts/{_segment(name)}",
+            {"events": events, "devices": devices},
+        )
+
+    def operate_rollout(self, name: str, operation: str, reason: str = "") -> RolloutDetail:
+        """``pause``, ``resume``, ``abort`` or ``rollback`` a rollout, with a reason."""
+        response = self._request(
+            "POST",
+            f"/v1/rollouts/{_segment(name)}/{_segment(operation)}",
+            content=json.dumps({"reason": reason}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        return self._parse(RolloutDetail, response)
 
 
 def _segment(value: str) -> str:

@@ -26,6 +26,10 @@ held (``mark_rolled_back``): nothing is re-sent until the content changes.
 Pins (``set_pins``) replace a policy's model set for one device (rollouts); they live in
 ``hub_meta`` under ``pins/<device>``, rolled-back marks under ``rolled_back/<device>``.
 
+Revoked devices (``hub.enroll.revoked_devices``: ``device revoke`` marked them) are left out
+of every reconcile and republish: a revoked device that sends a birth before the broker
+reloaded its CRL gets no desired state again.
+
 ``ControllerLoop`` runs the controller off the ingest thread in the hub server: ingest
 hooks only queue device ids; one thread reconciles whatever is queued, coalesced.
 """
@@ -46,6 +50,7 @@ from contract.signing import PublicKey, SigningKey
 from contract.topics import Kind, down_topic
 from hub.config import HubConfig
 from hub.desired import Decision, PreviousDesired, next_document
+from hub.enroll import revoked_devices
 from hub.errors import Conflict, PolicyError, UnknownModelSet
 from hub.ingest import IngestHooks
 from hub.keys import Keyring
@@ -389,6 +394,9 @@ class Controller:
                     if record is not None:
                         latest[device_id] = record
                 rolled = self._rolled_back_hashes(known)
+            revoked = revoked_devices(self.store)
+            if revoked:
+                devices = [d for d in devices if d.device_id not in revoked]
             round_ = _Round(world, latest, rolled, signing, trusted, report)
             pending: list[_Pending] = []
             for chunk in _chunks(devices, CHUNK):
@@ -512,7 +520,10 @@ class Controller:
         if self.publisher is None:
             return 0
         with self._lock:
-            return self._republish(self.store.unpublished_desired())
+            revoked = revoked_devices(self.store)
+            return self._republish(
+                [r for r in self.store.unpublished_desired() if r.device_id not in revoked]
+            )
 
     def republish(self, device_ids: Iterable[str]) -> int:
         """Publish the newest stored document of each device again, as it is (same
@@ -521,7 +532,12 @@ class Controller:
         if self.publisher is None:
             return 0
         with self._lock:
-            records = [self.store.latest_desired(device_id) for device_id in device_ids]
+            revoked = revoked_devices(self.store)
+            records = [
+                self.store.latest_desired(device_id)
+                for device_id in device_ids
+                if device_id not in revoked
+            ]
             return self._republish([r for r in records if r is not None])
 
     def _republish(self, records: Sequence[DesiredRecord]) -> int:

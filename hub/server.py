@@ -11,8 +11,12 @@
 5. a full reconcile and a publish of every document the broker never acknowledged;
 6. the periodic jobs (APScheduler): re-sign documents near expiry (every
    ``resign_before_s / 4``, between 1 s and 1 h), publish unacknowledged documents again
-   (every ``PUBLISH_PENDING_INTERVAL_S``) and reconcile every device (every
-   ``RECONCILE_INTERVAL_S``, for changes made outside this process);
+   (every ``PUBLISH_PENDING_INTERVAL_S``), reconcile every device (every
+   ``RECONCILE_INTERVAL_S``, for changes made outside this process), and step the
+   rollouts (``hub.rollouts``: every ``ROLLOUT_TICK_S``, and soon after ingest stored a
+   state, status or event of a device an active rollout includes); before the first full
+   reconcile the rollouts' pins are recovered (``RolloutDriver.recover``), so a hub killed
+   at any point resumes every rollout where it was;
 7. the HTTP API, when ``hub/api.py`` provides ``create_app(service)``, served by uvicorn
    in a thread at ``[api] bind``.
 
@@ -34,6 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -48,6 +53,7 @@ from hub.errors import HubError
 from hub.ingest import Ingest, IngestHooks
 from hub.keys import Keyring
 from hub.metrics import HubMetrics
+from hub.rollouts import ROLLOUT_TICK_S
 from hub.service import HubService
 from hub.store import Store
 
@@ -57,6 +63,8 @@ PUBLISH_PENDING_INTERVAL_S = 30.0
 RECONCILE_INTERVAL_S = 300.0
 """A full reconcile this often catches what changed outside this process (a key added
 with the CLI, a policy applied by another hub process)."""
+ROLLOUT_WAKE_GAP_S = 0.2
+"""Ingest wakes the rollouts at most this often (the periodic tick runs anyway)."""
 API_MODULE = "hub.api"
 API_START_TIMEOUT_S = 15.0
 EXIT_OK = 0
@@ -84,6 +92,9 @@ class HubServer:
         self._api: Any = None
         self._api_thread: threading.Thread | None = None
         self._started = False
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._last_rollout_tick = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -123,6 +134,10 @@ class HubServer:
         service.metrics = self.metrics
         self.loop = loop = ControllerLoop(service.controller)
         loop.attach(hooks)
+        hooks.on_state.append(self._on_device_news)
+        hooks.on_status.append(self._on_device_news)
+        hooks.on_event.append(self._on_device_news)
+        service.rollouts.recover(reconcile=False)  # the full reconcile below publishes
         loop.start()
         ingest.start()
         loop.request_all()
@@ -141,8 +156,51 @@ class HubServer:
         self.scheduler.add_job(
             loop.request_all, "interval", seconds=RECONCILE_INTERVAL_S, id="reconcile"
         )
+        self.scheduler.add_job(
+            self._tick_rollouts,
+            "interval",
+            seconds=ROLLOUT_TICK_S,
+            id="rollouts",
+            next_run_time=datetime.now(UTC),
+        )
         self.scheduler.start()
         self._start_api(service)
+
+    def _tick_rollouts(self) -> None:
+        """The rollouts job: step every active rollout (errors are logged, never raised)."""
+        with self._wake_lock:
+            self._wake_pending = False
+        service = self.service
+        if service is None:
+            return
+        try:
+            service.rollouts.tick()
+        except Exception:
+            log.exception("rollout tick failed")
+        finally:
+            self._last_rollout_tick = time.monotonic()
+
+    def _on_device_news(self, device_id: str, message: object) -> None:
+        """Ingest hook: news of a device an active rollout includes steps the rollouts
+        soon (at most one wake-up pending; at least ``ROLLOUT_WAKE_GAP_S`` after a tick)."""
+        service, scheduler = self.service, self.scheduler
+        if service is None or scheduler is None or not service.rollouts.watching(device_id):
+            return
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        delay = max(0.0, self._last_rollout_tick + ROLLOUT_WAKE_GAP_S - time.monotonic())
+        try:
+            scheduler.add_job(
+                self._tick_rollouts,
+                "date",
+                run_date=datetime.fromtimestamp(time.time() + delay, UTC),
+                misfire_grace_time=None,
+            )
+        except Exception:  # the scheduler is stopping: the next start ticks anyway
+            with self._wake_lock:
+                self._wake_pending = False
 
     @staticmethod
     def _job(work: Callable[[], object]) -> Callable[[], None]:

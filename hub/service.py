@@ -6,7 +6,8 @@ store, one artifact directory, the signing keys and an MQTT publisher. Every met
 safe to call from several threads (the API's worker threads, the server's jobs).
 
 ``apply_policy`` reconciles every device right away; the report of the last reconcile the
-service ran is kept in ``last_report``.
+service ran is kept in ``last_report``. Rollouts go through ``rollouts`` (``hub.rollouts``,
+the driver of the rollout engine); the server ticks it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hub.metrics import HubMetrics
 from hub.plan import DevicePlan, plan_device
 from hub.registry import Registry
 from hub.resolve import selector_matches
+from hub.rollouts import RolloutDriver, RolloutView
 from hub.store import DeviceRecord, ModelRecord, ModelSetRecord, PolicyRecord, Store
 
 
@@ -51,6 +53,8 @@ class HubService:
         self.last_report: ReconcileReport | None = None
         self.metrics: HubMetrics | None = None
         """The running hub's metrics (set by the server; None elsewhere)."""
+        self.rollouts = RolloutDriver(self, store, clock=clock)
+        """The rollouts' driver (the server ticks it; see ``hub.rollouts``)."""
 
     @property
     def publisher(self) -> Publisher | None:
@@ -139,6 +143,24 @@ class HubService:
     def mark_rolled_back(self, device_id: str, generation: int) -> bool:
         """Hold the device on its current content (it rolled back from ``generation``)."""
         return self.controller.mark_rolled_back(device_id, generation)
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    def start_rollout(self, text: str, source: str) -> RolloutView:
+        """Create a rollout from its YAML (``edgefleet.rollout/1``) and step it once."""
+        return self.rollouts.start(text, source)
+
+    def operate_rollout(self, name: str, operation: str, reason: str | None = None) -> RolloutView:
+        """``pause``, ``resume``, ``abort`` or ``rollback`` a rollout, with a reason."""
+        return self.rollouts.operate(name, operation, reason)
+
+    def rollout(self, name: str, *, events: int = 20) -> RolloutView:
+        """One rollout with its newest ``events``."""
+        return self.rollouts.view(name, events=events)
+
+    def list_rollouts(self) -> list[RolloutView]:
+        """Every rollout, oldest first."""
+        return self.rollouts.list_views()
 
 
 def _reported(device: DeviceRecord) -> tuple[FirmwareProfile | None, HardwareFacts | None]:

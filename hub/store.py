@@ -35,6 +35,9 @@ from hub.errors import Conflict, Immutable, NotFound, SchemaTooNew, StoreError
 Row = dict[str, Any]
 SYSTEM_MODEL = ""
 """The ``model`` of the per-minute rollup rows that describe the whole device."""
+ROLLOUT_EVENT_DEVICE = ""
+"""``device_id`` of the events rollouts record (their ``session`` is the rollout id and
+``seq`` counts per rollout); no device has an empty id."""
 CMD_RESULT_KIND = "cmd.result"
 """Event kind under which command results (``up/result``) are stored."""
 PRUNE_CHUNK = 5000
@@ -507,6 +510,52 @@ class RolloutRecord:
     state: dict[str, Any]
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class RolloutHead:
+    """A rollout without its documents: what a list or a tick needs first."""
+
+    id: int
+    name: str
+    phase: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class RolloutEventIn:
+    """An event of a rollout to store (``record_rollout_events``)."""
+
+    ts: float
+    kind: str
+    message: str
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """What a rollout observes of one device: liveness, profile, generations, the reported
+    state, and the newest generation the hub stored for it (0: none)."""
+
+    device_id: str
+    online: bool
+    last_seen: float
+    profile_name: str | None
+    applied_generation: int
+    phase: str | None
+    state: dict[str, Any] | None
+    issued_generation: int
+
+
+@dataclass(frozen=True)
+class DesiredContent:
+    """What one stored generation carries, without the rest of its document: the reported
+    model set (the top policy's), every model by name and version, and the rollout."""
+
+    model_set: dict[str, Any] | None
+    models: dict[str, str]
+    rollout: str | None
 
 
 @dataclass(frozen=True)
@@ -1831,3 +1880,164 @@ class Store:
 
     def list_rollouts(self) -> list[RolloutRecord]:
         return [_rollout(r) for r in self._rows("SELECT * FROM rollouts ORDER BY id")]
+
+    def find_rollout(self, name: str) -> RolloutRecord | None:
+        """The rollout whose document is named ``name`` (the newest such), or None."""
+        row = self._row(
+            "SELECT * FROM rollouts WHERE json_extract(document, '$.name') = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (name,),
+        )
+        return None if row is None else _rollout(row)
+
+    def rollout_heads(self, phases: Iterable[str] | None = None) -> list[RolloutHead]:
+        """Every rollout (or those in ``phases``) by id: name, phase and times, without
+        parsing the documents."""
+        sql = (
+            "SELECT id, json_extract(document, '$.name') AS name, "
+            "coalesce(json_extract(state, '$.phase'), 'pending') AS phase, "
+            "created_at, updated_at FROM rollouts"
+        )
+        params: list[Any] = []
+        if phases is not None:
+            wanted = sorted(set(phases))
+            if not wanted:
+                return []
+            sql += f" WHERE phase IN ({','.join('?' * len(wanted))})"
+            params += wanted
+        rows = self._rows(sql + " ORDER BY id", params)
+        return [
+            RolloutHead(
+                id=r["id"],
+                name=str(r["name"]),
+                phase=str(r["phase"]),
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+            )
+            for r in rows
+        ]
+
+    def record_rollout_events(self, rollout_id: int, events: Sequence[RolloutEventIn]) -> int:
+        """Append a rollout's events (``device_id`` ``""``, ``session`` the rollout id, ``seq``
+        counting on); no device row is touched. Returns how many were stored."""
+        if not events:
+            return 0
+        with self.transaction():
+            row = self._row(
+                "SELECT max(seq) AS s FROM events WHERE device_id = ? AND session = ?",
+                (ROLLOUT_EVENT_DEVICE, rollout_id),
+            )
+            seq = int(row["s"]) if row is not None and row["s"] is not None else 0
+            received = self.clock()
+            for event in events:
+                seq += 1
+                self.db.execute(
+                    "INSERT INTO events (device_id, session, seq, ts, kind, generation, message, "
+                    "data, received_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                    (
+                        ROLLOUT_EVENT_DEVICE,
+                        rollout_id,
+                        seq,
+                        event.ts,
+                        event.kind,
+                        event.message,
+                        _dump(dict(event.data)),
+                        received,
+                    ),
+                )
+        return len(events)
+
+    def list_rollout_events(
+        self, rollout_id: int, *, limit: int = 100, before_id: int | None = None
+    ) -> list[EventRecord]:
+        """A rollout's events, newest first; ``before_id`` pages on from an event id."""
+        rows = self._rows(
+            "SELECT * FROM events WHERE device_id = ? AND session = ? "
+            "AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+            (ROLLOUT_EVENT_DEVICE, rollout_id, before_id, before_id, limit),
+        )
+        return [_event(r) for r in rows]
+
+    def device_snapshots(self, device_ids: Iterable[str]) -> dict[str, DeviceSnapshot]:
+        """What a rollout observes of each known device among ``device_ids``, by id (one
+        query per 500 devices)."""
+        ids = sorted(set(device_ids))
+        found: dict[str, DeviceSnapshot] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._rows(
+                "SELECT d.device_id, d.online, d.last_seen, d.profile_name, "
+                "d.applied_generation, d.phase, d.state, "
+                "(SELECT max(g.generation) FROM desired AS g WHERE g.device_id = d.device_id) "
+                f"AS issued FROM devices AS d WHERE d.device_id IN ({marks})",
+                chunk,
+            )
+            for r in rows:
+                found[r["device_id"]] = DeviceSnapshot(
+                    device_id=r["device_id"],
+                    online=bool(r["online"]),
+                    last_seen=r["last_seen"],
+                    profile_name=r["profile_name"],
+                    applied_generation=r["applied_generation"],
+                    phase=r["phase"],
+                    state=_load(r["state"]),
+                    issued_generation=int(r["issued"] or 0),
+                )
+        return found
+
+    def desired_contents(
+        self, keys: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], DesiredContent]:
+        """For each stored (device, generation) among ``keys``: its model set, its models'
+        versions and its rollout, read inside SQLite (the documents are not parsed here)."""
+        wanted = sorted(set(keys))
+        found: dict[tuple[str, int], DesiredContent] = {}
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start : start + 400]
+            values = ",".join("(?, ?)" for _ in chunk)
+            params = [part for key in chunk for part in key]
+            rows = self._rows(
+                "SELECT device_id, generation, "
+                "json_extract(document, '$.payload.model_set') AS model_set, "
+                "json_extract(document, '$.payload.rollout') AS rollout, "
+                "(SELECT json_group_object(json_extract(m.value, '$.name'), "
+                "json_extract(m.value, '$.version')) "
+                "FROM json_each(document, '$.payload.models') AS m) AS models "
+                f"FROM desired WHERE (device_id, generation) IN (VALUES {values})",
+                params,
+            )
+            for r in rows:
+                found[(r["device_id"], r["generation"])] = DesiredContent(
+                    model_set=_load(r["model_set"]),
+                    models={str(k): str(v) for k, v in (_load(r["models"]) or {}).items()},
+                    rollout=r["rollout"],
+                )
+        return found
+
+    def model_figures(
+        self, device_ids: Iterable[str], *, since: float, until: float
+    ) -> dict[str, dict[str, tuple[int, int, float, int]]]:
+        """Per device and model (not the device rows), over the minutes that start in
+        [since, until): (requests, errors, latency_p95_wsum, latency_weight), the sums of
+        the per-minute rollups that a rollout's health analysis compares."""
+        ids = sorted(set(device_ids))
+        found: dict[str, dict[str, tuple[int, int, float, int]]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._rows(
+                "SELECT device_id, model, sum(requests) AS r, sum(errors) AS e, "
+                "sum(latency_p95_wsum) AS w, sum(latency_weight) AS n FROM telemetry_minute "
+                f"WHERE model != ? AND minute >= ? AND minute < ? AND device_id IN ({marks}) "
+                "GROUP BY device_id, model",
+                (SYSTEM_MODEL, since, until, *chunk),
+            )
+            for r in rows:
+                found.setdefault(r["device_id"], {})[r["model"]] = (
+                    int(r["r"] or 0),
+                    int(r["e"] or 0),
+                    float(r["w"] or 0.0),
+                    int(r["n"] or 0),
+                )
+        return found

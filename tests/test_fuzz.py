@@ -726,9 +726,12 @@ def json_requests(draw: st.DrawFn) -> tuple[bytes, bytes]:
             continue
         shape = draw(st.lists(st.integers(min_value=0, max_value=3), max_size=3) | odd_shapes)
         count = max(0, math.prod(shape) + draw(st.sampled_from([0, 0, 0, 0, 1, -1])))
+        if count > 64:  # an odd shape: its data cannot match, a few values will do
+            count = draw(st.integers(min_value=0, max_value=3))
         values = draw(st.sampled_from(ELEMENT_KINDS))
         flat = draw(st.lists(values, min_size=count, max_size=count))
-        nested = count == math.prod(shape) and draw(st.booleans())
+        small = len(shape) <= 3 and all(d <= 3 for d in shape)
+        nested = small and count == math.prod(shape) and draw(st.booleans())
         data = _nest(flat, shape) if nested else flat
         inputs.append({"name": f"in{index}", "datatype": datatype, "shape": shape, "data": data})
     return dumps({"inputs": inputs}), b""

@@ -9,6 +9,9 @@ import base64
 import hashlib
 import io
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +51,9 @@ from contract.select import select
 from contract.signing import Signature, SigningKey
 from contract.topics import Kind, down_topic, up_filter
 from hub.broker import MosquittoBroker
+from hub.cli import build_parser
+from hub.init import init_hub
+from hub.keys import Keyring
 from hub.simulate import (
     Failures,
     Simulation,
@@ -617,7 +623,7 @@ def test_rebirth_command_is_answered(broker: MosquittoBroker) -> None:
 
 
 def test_stop_publishes_offline_for_everyone(broker: MosquittoBroker) -> None:
-    sim = Simulation(config(broker, 200))
+    sim = Simulation(config(broker, 200, threads=3))
     sim.start()
     assert sim.wait_connected(30)
     final = sim.stop()
@@ -691,6 +697,42 @@ def test_cli_runs_and_reports(broker: MosquittoBroker, tmp_path: Path) -> None:
     bad = parser.parse_args(["--broker", broker.url, "--devices", "1"])
     with pytest.raises(SimulationError, match="trusted hub keys"):
         run_simulate(bad, io.StringIO())
+
+
+def test_hub_cli_runs_from_hub_toml_until_interrupted(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """``edgefleet-hub --config hub.toml simulate``: the broker and the keys come from the
+    hub's files, two worker processes, SIGINT stops it and every device says offline."""
+    assert build_parser().parse_args(["simulate", "--devices", "1"]).handler is run_simulate
+    hub = init_hub(tmp_path / "hub", broker_url=broker.url)
+    ring = Keyring(hub.config.keys_dir, hub.config.public_keys_path)
+    command = [sys.executable, "-m", "hub.cli", "--config", str(hub.config_path)]
+    command += ["simulate", "--devices", "30", "--processes", "2", "--report-interval", "0.3"]
+    with mqtt_tap(broker, UP_ALL) as tap:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None
+            lines = []
+            for line in process.stdout:
+                lines.append(line)
+                if "connected 30/30" in line:
+                    break
+            assert "connected 30/30" in lines[-1], lines
+            device_id = "sim-00017"  # in the second worker
+            desired = document(device_id, 1, key=ring.signing_keys()[0])
+            publish_all(tap, {device_id: desired})
+            tap.wait_for(lambda t: events(t, "update.committed"), 15, "an applied document")
+            process.send_signal(signal.SIGINT)
+            rest = process.stdout.read()
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "stopped: " in rest and "g1:1" in rest
+    statuses = retained(broker, up_filter(Kind.STATUS), 30)
+    assert {s.state for s in statuses} == {"offline"}
 
 
 def test_scale_smoke_1000_devices(broker: MosquittoBroker) -> None:

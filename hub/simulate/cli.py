@@ -52,7 +52,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("broker and trust")
     where.add_argument(
         "--config",
+        metavar="FILE",
         type=Path,
+        default=argparse.SUPPRESS,  # keeps a --config given before the command
         help="hub.toml to take the broker and the public key file from "
         "(default: $EDGEFLEET_HUB_CONFIG or ./hub.toml when present)",
     )
@@ -226,8 +228,9 @@ def _hub_defaults(
     """Broker url, user, password, CA file and public key file from hub.toml, if any."""
     from hub.config import config_path, load_config
 
-    path = config_path(args.config)
-    if args.config is None and not path.exists():
+    explicit: Path | None = getattr(args, "config", None)
+    path = config_path(explicit)
+    if explicit is None and not path.exists():
         return None, None, None, None, None
     config = load_config(path)
     keys = config.public_keys_path

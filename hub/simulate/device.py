@@ -600,10 +600,10 @@ class SimDevice:
             f"generation {generation} serving",
             {"plan": plan.model_dump(mode="json")},
         )
-        self._publish_state()
         if probation <= 0:
-            self._commit()
+            self._commit()  # its state report covers the switch too
             return
+        self._publish_state()
         token = self.token
         runtime = state.runtime
         rate = self.config.request_rate * max(1, len(plan.chosen))

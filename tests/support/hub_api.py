@@ -5,7 +5,9 @@
 
 ``StoreService`` implements ``hub.api.HubServiceLike`` over a real ``Store`` with the
 contract's own loaders, ``resolve`` and ``plan_device``, for tests that must not wait for
-the full ``hub.service.HubService`` (which also measures and quantizes models).
+the full ``hub.service.HubService`` (which also measures and quantizes models). Its
+rollouts run on the real ``hub.rollouts.RolloutDriver``; pins are stored as the controller
+stores them and ``reconcile`` only records which devices it was asked for.
 """
 
 from __future__ import annotations
@@ -13,22 +15,25 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
 
-from contract.manifests import ModelSet, Policy, Selector
+from contract.manifests import ModelSet, ModelSetRef, Policy, Selector
 from contract.profile import FirmwareProfile, HardwareFacts
 from contract.yaml_source import load_model_set, load_policy
 from hub.artifacts import ArtifactStore
 from hub.config import HubConfig
+from hub.controller import PINS_PREFIX, DevicePins
 from hub.errors import MissingModelSet
 from hub.metrics import HubMetrics
 from hub.onnx_inspect import inspect_model
 from hub.plan import DevicePlan, plan_device
 from hub.resolve import DeviceView, ModelSetKey, resolve, selector_matches
+from hub.rollouts import RolloutDriver, RolloutView
 from hub.store import ModelRecord, ModelSetRecord, PolicyRecord, Store
 from support import hub_samples
 
@@ -44,6 +49,9 @@ class StoreService:
         self.store = store
         self.metrics: HubMetrics | None = None
         self.artifacts = ArtifactStore(artifacts_dir)
+        self.rollouts = RolloutDriver(self, store)
+        self.reconciled: list[list[str] | None] = []
+        """The device ids of every ``reconcile`` call (None: all)."""
 
     def add_model(
         self,
@@ -105,6 +113,36 @@ class StoreService:
                 continue
             plans.append(plan_device(resolve(view, policies, model_sets), profile, facts))
         return plans
+
+    # --- pins and rollouts (the real driver) -------------------------------------------
+
+    def get_pins(self, device_id: str) -> DevicePins | None:
+        value = self.store.get_meta(PINS_PREFIX + device_id)
+        return None if value is None else DevicePins.from_json(value)
+
+    def set_pins(
+        self, device_id: str, pins: Mapping[str, ModelSetRef], *, rollout: str | None = None
+    ) -> None:
+        self.store.get_device(device_id)
+        if not pins:
+            self.store.delete_meta(PINS_PREFIX + device_id)
+        else:
+            self.store.set_meta(PINS_PREFIX + device_id, DevicePins(dict(pins), rollout).to_json())
+
+    def reconcile(self, device_ids: Iterable[str] | None = None) -> None:
+        self.reconciled.append(None if device_ids is None else list(device_ids))
+
+    def start_rollout(self, text: str, source: str) -> RolloutView:
+        return self.rollouts.start(text, source)
+
+    def operate_rollout(self, name: str, operation: str, reason: str | None = None) -> RolloutView:
+        return self.rollouts.operate(name, operation, reason)
+
+    def rollout(self, name: str, *, events: int = 20) -> RolloutView:
+        return self.rollouts.view(name, events=events)
+
+    def list_rollouts(self) -> list[RolloutView]:
+        return self.rollouts.list_views()
 
 
 def seed_devices(store: Store, count: int) -> list[str]:
