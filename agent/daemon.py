@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 AGENT_VERSION = contract_version
-CAPABILITIES = ["rebirth", "rollback", "oip-v2", "outbox"]
+# Commands are not signed, so none of them may change what the device runs: a rollback
+# comes as a new signed generation from the hub, never as a command.
+CAPABILITIES = ["rebirth", "oip-v2", "outbox"]
 STOP_DRAIN_S = 20.0
 
 
@@ -494,9 +496,6 @@ class Agent:
         result: dict[str, Any] = {}
         if cmd.command == "rebirth":
             self.link.request_rebirth()
-        elif cmd.command == "rollback":
-            ok = self.applier.rollback(str(cmd.args.get("reason", "requested by the hub")))
-            error = None if ok else "no previous generation"
         else:
             ok, error = False, f"unknown command {cmd.command!r}"
         reply = CmdResult(

@@ -439,11 +439,6 @@ def test_garbage_burst_is_counted_and_the_inbox_keeps_working(rig: Rig) -> None:
     rig.assert_serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: commands are not signed, so a broker owner can order a rollback to the "
-    "previous generation (a downgrade); see docs/security.md",
-)
 def test_broker_cannot_order_a_rollback(rig: Rig) -> None:
     rig.apply(rig.sign(rig.state(2, [rig.cls_spec("2.0.0")])), 2)
     mark = rig.attack(encode(Cmd(cmd_id="r-1", command="rollback", ts=time.time())), CMD)

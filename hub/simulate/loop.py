@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import heapq
 import itertools
 import logging
@@ -71,6 +72,25 @@ MAX_WAIT_S = 0.5
 SWEEP_S = 2.0
 """How often every connection's keepalive is checked."""
 STOP_FLUSH_S = 10.0
+FD_FLOOR = 1024
+"""Device sockets get descriptors from here up when the open-file limit allows, so code in
+the same process that uses select() (paho's loop_start, FD_SETSIZE 1024) keeps working."""
+
+
+def lift_descriptor(sock: socket.socket) -> socket.socket:
+    """``sock`` moved to a descriptor >= FD_FLOOR (the original is closed), or ``sock``
+    itself when the limit leaves no room there."""
+    try:
+        fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, FD_FLOOR)
+    except OSError:
+        return sock
+    try:
+        lifted = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+    except OSError:
+        os.close(fd)
+        return sock
+    sock.close()
+    return lifted
 
 
 @dataclass(frozen=True)
@@ -112,7 +132,7 @@ class SimClient(mqtt.Client):
         target = self.sim_target
         if target is None:
             return super()._create_socket_connection()
-        sock = socket.socket(target.family, socket.SOCK_STREAM)
+        sock = lift_descriptor(socket.socket(target.family, socket.SOCK_STREAM))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
@@ -638,7 +658,7 @@ class Shard:
 
     def _linger(self, sock: socket.socket) -> None:
         try:
-            held = sock.dup()
+            held = lift_descriptor(sock.dup())
         except OSError:
             return
         try:
