@@ -675,6 +675,20 @@ def converged(device: DeviceDetail, versions: Mapping[str, str] | None = None) -
     return True
 
 
+def failed_generation(device: DeviceDetail) -> str | None:
+    """Why the device failed the newest document the hub published for it, if it did."""
+    desired, state = device.desired, device.state
+    if desired is None or state is None or state.last_error is None:
+        return None
+    if state.last_error.generation != desired.generation or device.phase != "failed":
+        return None
+    error = state.last_error
+    hint = ""
+    if error.code == "nothing_fits":
+        hint = " (this machine has too little memory available right now)"
+    return f"generation {error.generation}: {error.code}: {error.message}{hint}"
+
+
 # --- the view ------------------------------------------------------------------------------------
 
 
@@ -841,7 +855,10 @@ class Demo:
         from rich.console import Console
 
         self.options = options
-        self.console = console or Console(highlight=False)
+        if console is None:
+            wide = None if os.environ.get("COLUMNS") or sys.stdout.isatty() else 130
+            console = Console(highlight=False, width=wide)
+        self.console = console
         live = options.live if options.live is not None else self.console.is_terminal
         self.started = time.monotonic()
         self.view = View(self.console, live=live, started=self.started)
@@ -865,6 +882,7 @@ class Demo:
         self.summary: dict[str, Any] | None = None
         self.pids: list[int] = []
         self.agents_started = self.started
+        self.keeping = False
 
     # --- entry -----------------------------------------------------------------------------
 
@@ -878,9 +896,12 @@ class Demo:
             if self.options.keep:
                 self._keep()
         except KeyboardInterrupt:
-            interrupted = True
-            status = EXIT_INTERRUPTED
-            self.view.note("interrupted: stopping everything")
+            if self.keeping:  # the way to end --keep
+                self.view.note("stopping everything")
+            else:
+                interrupted = True
+                status = EXIT_INTERRUPTED
+                self.view.note("interrupted: stopping everything")
         except HubError as exc:  # DemoError, ClientError, ...
             failure = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
             full = str(exc)
@@ -921,7 +942,8 @@ class Demo:
         if options.rollouts:
             self._run_rollouts()
         self._soak("load after the rollouts")
-        self.load_stopped()
+        if not options.keep:  # with --keep the load goes on, for telemetry to show
+            self.load_stopped()
         self.summary = self._collect()
         self.view.stop_live()
         self._print_summary(self.summary)
@@ -1056,6 +1078,12 @@ class Demo:
                     self.view.note(
                         f"{agent.device_id}: online as {device.profile} ({device.profile_source})",
                         source="device",
+                    )
+                failure = failed_generation(device)
+                if failure is not None:
+                    raise DemoError(
+                        f"{agent.device_id} could not apply {MODEL_SET} {label}: {failure}"
+                        + (f"\n{agent.child.describe()}" if agent.child else "")
                     )
                 if converged(device, versions):
                     done.add(agent.device_id)
@@ -1397,6 +1425,7 @@ class Demo:
         for line in lines:
             self.console.print(line, soft_wrap=True)
         sys.stdout.flush()
+        self.keeping = True
         while True:
             self._check_children()
             time.sleep(1.0)

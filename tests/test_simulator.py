@@ -455,6 +455,19 @@ def test_crash_on_version_fails_the_smoke_test_and_keeps_the_old_set(
             (2, "smoke_test_error", 1)
         }
         assert sim.stats().versions == {"1.0.0": 10, "2.0.0": 10}
+        # the hub rolls back with a new generation of the old content: adopted, no apply
+        crashed = sim.chosen("crash")
+        publish_all(tap, {d: document(d, 3, version="1.0.0") for d in crashed})
+        tap.wait_for(
+            lambda t: all(
+                (latest_states(t)[d].applied_generation, latest_states(t)[d].phase)
+                == (3, "committed")
+                for d in crashed
+            ),
+            10,
+            "generation 3 adopted",
+        )
+        assert sim.stats().applies_ok == 30  # no new apply
 
 
 def test_slow_share_reports_three_times_the_latency(broker: MosquittoBroker) -> None:
@@ -673,6 +686,14 @@ def test_worker_processes(broker: MosquittoBroker) -> None:
         assert sim.wait_for(lambda s: s.connected == 38, 10)
     statuses = retained(broker, up_filter(Kind.STATUS), 40)
     assert {s.state for s in statuses} == {"offline"}
+
+
+def test_isolated_single_worker(broker: MosquittoBroker) -> None:
+    with simulation(broker, 5, isolate=True) as sim:
+        assert sim.wait_connected(60)
+        assert len(sim._workers) == 1
+        assert sim.stats().births == 5
+    assert sim.stats().connected == 0
 
 
 def test_cli_runs_and_reports(broker: MosquittoBroker, tmp_path: Path) -> None:

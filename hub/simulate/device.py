@@ -63,7 +63,8 @@ from hub.simulate.model import (
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = f"{contract_version}+sim"
-CAPABILITIES = ["rebirth", "rollback", "outbox", "simulated"]
+CAPABILITIES = ["rebirth", "outbox", "simulated"]
+"""As the agent's: commands are not signed, so none changes what the device runs."""
 DEFAULT_TELEMETRY_INTERVAL_S = RuntimePolicy().telemetry_interval_s
 SIMULATED_RSS_MB = 170
 SMOKE_TEST_CODE = "smoke_test_error"
@@ -525,6 +526,10 @@ class SimDevice:
             self.serving = Serving(generation, state, serving.plan, raw)
             self.max_activated = max(self.max_activated, generation)
             self._rotate_keys(state)
+            if self.phase in ("failed", "rolled_back"):
+                # Back on what it serves (a rollout's rollback re-issues it): that
+                # generation's phase, not the failure's; the failure stays in last_error.
+                self.phase = "committed"
             self._publish_state()
             return
         self.token += 1
@@ -655,7 +660,8 @@ class SimDevice:
         self._publish_state()
 
     def rollback(self, reason: str) -> bool:
-        """Serve the previous generation again; refuse the current one from now on."""
+        """Serve the previous generation again (a probation breach); refuse the current one
+        from now on."""
         current, previous = self.serving, self.previous
         if current is None or previous is None:
             return False
@@ -691,9 +697,6 @@ class SimDevice:
         ok, error = True, None
         if cmd.command == "rebirth":
             self.greeting()
-        elif cmd.command == "rollback":
-            ok = self.rollback(str(cmd.args.get("reason", "requested by the hub")))
-            error = None if ok else "no previous generation"
         else:
             ok, error = False, f"unknown command {cmd.command!r}"
         reply = CmdResult(

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Connection
@@ -150,6 +151,8 @@ class Simulation:
         self._workers: list[_Worker] = []
         self._started_at: float | None = None
         self._final: SimStats | None = None
+        self._pipes = threading.Lock()
+        """One request at a time on the workers' pipes."""
 
     # ---- planning ---------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class Simulation:
         config = self.config
         processes = max(1, min(config.processes, len(self.specs) or 1))
         per = -(-len(self.specs) // processes) if self.specs else 0
-        if processes == 1:
+        if processes == 1 and not config.isolate:
             raise_open_file_limit(len(self.specs) + FDS_PER_PROCESS)
             self._local = LocalFleet(
                 config,
@@ -216,15 +219,19 @@ class Simulation:
         if self._local is not None:
             self._final = self._local.stop(timeout)
         elif self._workers:
-            for worker in self._workers:
-                worker.send(("stop", timeout))
-            parts = []
-            for worker in self._workers:
-                try:
-                    parts.append(worker.receive(timeout + 15.0))
-                except SimulationError as exc:
-                    log.error("%s", exc)
-            self._kill_workers()
+            with self._pipes:
+                parts = []
+                for worker in self._workers:
+                    try:
+                        worker.send(("stop", timeout))
+                    except SimulationError as exc:
+                        log.error("%s", exc)
+                for worker in self._workers:
+                    try:
+                        parts.append(worker.receive(timeout + 15.0))
+                    except SimulationError as exc:
+                        log.error("%s", exc)
+                self._kill_workers()
             self._final = SimStats.merge(parts)
         else:
             self._final = SimStats()
@@ -292,11 +299,12 @@ class Simulation:
     # ---- workers ----------------------------------------------------------------------
 
     def _ask_all(self, request: tuple[str, Any]) -> list[Any]:
-        if not self._workers:
-            raise SimulationError("the simulation is not running")
-        for worker in self._workers:
-            worker.send(request)
-        return [worker.receive(REQUEST_TIMEOUT_S) for worker in self._workers]
+        with self._pipes:
+            if not self._workers:
+                raise SimulationError("the simulation is not running")
+            for worker in self._workers:
+                worker.send(request)
+            return [worker.receive(REQUEST_TIMEOUT_S) for worker in self._workers]
 
     def _kill_workers(self) -> None:
         for worker in self._workers:

@@ -286,6 +286,14 @@ class Shard:
             return fn()  # the loop is gone: nothing else touches the devices
         self._calls.append(run)
         self._wake()
+        if self._finished.is_set():
+            # The loop ended while this was queued: run what it left (each call runs once,
+            # whoever pops it).
+            while self._calls:
+                try:
+                    self._calls.popleft()()
+                except IndexError:
+                    break
         return future.result(timeout)
 
     def request_stop(self, timeout: float = STOP_FLUSH_S) -> None:
@@ -434,7 +442,10 @@ class Shard:
             self._close_all()
             self._finished.set()
             while self._calls:  # answer callers that raced with the end
-                self._calls.popleft()()
+                try:
+                    self._calls.popleft()()
+                except IndexError:
+                    break
 
     def _round(self) -> None:
         now = time.monotonic()

@@ -114,6 +114,9 @@ class SimulationConfig:
     processes: int = 1
     threads: int = 1
     """Event-loop threads per process; one is enough (the GIL serialises them anyway)."""
+    isolate: bool = False
+    """Run the devices in worker processes even when ``processes`` is 1, so that they do not
+    share this process's GIL (a hub or a benchmark driver in the same process)."""
     keepalive: int = 60
     connect_timeout_s: float = 15.0
     username: str | None = None
