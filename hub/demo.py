@@ -211,10 +211,12 @@ class RolloutOutcome:
     started_at: float | None = None
     finished_at: float | None = None
     timeline: list[Moment] = field(default_factory=list)
+    failed_devices: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "failed_devices": list(self.failed_devices),
             "target": self.target,
             "expected": self.expected,
             "phase": self.phase,
@@ -806,7 +808,6 @@ class View:
             table.add_column(column, justify="right")
         with self._lock:
             rows = list(self.rows.values())
-            notes = self.timeline[-6:]
         for row in rows:
             rate = p50 = p95 = errors = "-"
             if self.load is not None and row.device_id in {t.device_id for t in self.load.targets}:
@@ -830,8 +831,7 @@ class View:
             )
         parts: list[RenderableType] = [table]
         if self.rollout_line:
-            parts.append(self.rollout_line)
-        parts += [f"[dim]{m.t:7.1f}s {_escape(m.text)}[/]" for m in notes[-3:]]
+            parts.append(_escape(self.rollout_line))
         return Group(*parts)
 
 
@@ -1158,6 +1158,15 @@ class Demo:
             rollout_yaml(f"{MODEL_SET}-{BROKEN}", BROKEN, batches=[100], bake_s=0.0),
         )
         self._wait_converged(v2, f"{V2} again")
+        broken = self.rollouts[-1]
+        failed = broken.failed_devices
+        broken.timeline.append(
+            self.view.note(
+                f"rolled back: {', '.join(failed) or 'no device'} back on {MODEL_SET} {V2}; "
+                "the other devices were never switched",
+                source="rollout",
+            )
+        )
         self._timed("rollout_broken", started)
 
     def _register_v2(self) -> dict[str, str]:
@@ -1212,6 +1221,8 @@ class Demo:
                 if event.id in seen:
                     continue
                 seen.add(event.id)
+                if event.kind == "device.failed" and event.device_id:
+                    outcome.failed_devices.append(event.device_id)
                 outcome.timeline.append(self.view.note(_event_text(event, names), source="rollout"))
             self.view.rollout_line = _rollout_line(detail)
             if detail.phase in TERMINAL_PHASES:

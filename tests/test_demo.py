@@ -85,6 +85,7 @@ def store_models(state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return {m["name"]: {k: m.get(k) for k in keys} for m in (state or {}).get("models", [])}
 
 
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_quick_demo_runs_to_completion_and_its_summary_is_the_stores(tmp_path: Path) -> None:
     done, data = run_demo(tmp_path, "--quick")
     assert data["broker"]["kind"] in ("mosquitto", "amqtt")
@@ -135,6 +136,16 @@ def test_quick_demo_runs_to_completion_and_its_summary_is_the_stores(tmp_path: P
     )
     failed = next(m for m in broken["timeline"] if m["text"].startswith("device.failed"))
     assert "smoke_test_error" in failed["text"] and "non-finite" in failed["text"]
+    assert broken["timeline"][-1]["text"].startswith("rolled back:")
+    # the canary is the one device whose reported state keeps the smoke test's error
+    with Store(tmp_path / "demo" / "hub" / "hub.db") as store:
+        refused = [
+            d["device_id"]
+            for d in data["devices"]
+            if ((store.get_device(d["device_id"]).state or {}).get("last_error") or {}).get("code")
+            == "smoke_test_error"
+        ]
+    assert refused == broken["failed_devices"] and len(refused) == 1
 
     # what the person sees: the summary table and both rollout timelines
     assert "rollout ocr-2.0.0 -> ocr 2.0.0: succeeded" in done.stdout
@@ -143,6 +154,7 @@ def test_quick_demo_runs_to_completion_and_its_summary_is_the_stores(tmp_path: P
 
 
 @pytest.mark.skipif(importlib.util.find_spec("amqtt") is None, reason="amqtt is not installed")
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_demo_on_the_embedded_amqtt_broker(tmp_path: Path) -> None:
     _, data = run_demo(tmp_path, "--quick", "--broker", "amqtt")
     assert data["broker"] == {**data["broker"], "kind": "amqtt", "protocol": "3.1.1"}

@@ -84,6 +84,7 @@ def installed(bin_dir: Path, cwd: Path) -> set[str]:
     return {p["name"].lower().replace("_", "-") for p in listed}
 
 
+@pytest.mark.timeout(900)
 def test_the_wheel_carries_the_unit_and_the_profiles(wheel: Path) -> None:
     import zipfile
 
@@ -94,6 +95,7 @@ def test_the_wheel_carries_the_unit_and_the_profiles(wheel: Path) -> None:
     assert not any(n.startswith("tests/") for n in names)
 
 
+@pytest.mark.timeout(1200)
 def test_agent_only_install_pulls_no_hub_dependency(wheel: Path, tmp_path: Path) -> None:
     bin_dir = new_venv(tmp_path / "venv")
     run([bin_dir / "pip", "install", f"{wheel}[agent]"], tmp_path, timeout=INSTALL_TIMEOUT_S)
@@ -112,6 +114,7 @@ def test_agent_only_install_pulls_no_hub_dependency(wheel: Path, tmp_path: Path)
     assert f"ExecStart={bin_dir / 'edgefleet-agent'} run --config" in printed
 
 
+@pytest.mark.timeout(1500)
 def test_demo_runs_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
     bin_dir = new_venv(tmp_path / "venv")
     run([bin_dir / "pip", "install", f"{wheel}[demo]"], tmp_path, timeout=INSTALL_TIMEOUT_S)
