@@ -256,7 +256,8 @@ def test_kill_9_during_an_apply_comes_back_on_one_whole_generation(
     if point == "download":
         assert verified == one.hashes
         assert any(size == sizes[sha] // 2 for sha, size in partials.items()), partials
-        assert all(size < sizes[sha] for sha, size in partials.items()), partials
+        # The other pipeline may have finished its body (still unverified, in partial/)
+        # when the first one died: complete partials are allowed, verified ones are not.
     elif point == "verify":
         assert verified == one.hashes
         assert any(size == sizes[sha] for sha, size in partials.items()), partials
