@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from agent.config import load_config
 from agent.daemon import Agent
@@ -31,6 +29,7 @@ from support.fleet import (
     spec_for,
 )
 from support.http_server import ArtifactServer, Fault
+from support.models import nan_model
 
 DEVICE = "e2e-dev-1"
 
@@ -103,25 +102,6 @@ def rig(broker: MosquittoBroker, tmp_path: Path, ocr_models: dict[str, Path]) ->
 def ocr_input(name: str) -> np.ndarray:
     shapes = {"det": (1, 3, 320, 320), "cls": (1, 3, 48, 192), "rec": (1, 3, 48, 320)}
     return np.random.default_rng(7).random(shapes[name], dtype=np.float32)
-
-
-def nan_model(path: Path) -> Path:
-    """A valid ONNX model whose output is always NaN: sqrt(-(|x| + 1))."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    one = helper.make_node("Constant", [], ["one"], value=helper.make_tensor("c", 1, [], [1.0]))
-    nodes = [
-        one,
-        helper.make_node("Abs", ["x"], ["a"]),
-        helper.make_node("Add", ["a", "one"], ["b"]),
-        helper.make_node("Neg", ["b"], ["c"]),
-        helper.make_node("Sqrt", ["c"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "nan", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def test_birth_and_online_status_on_connect(rig: Rig) -> None:

@@ -40,6 +40,7 @@ from hub.config import HubConfig, load_config
 from hub.errors import ClientError
 from support.agent_process import AgentProcess, Notifications, child_env
 from support.inference import binary_request
+from support.models import nan_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,26 +55,6 @@ TERMINAL = ("succeeded", "failed", "aborted", "rolled_back")
 
 
 # --- model files -----------------------------------------------------------------------------
-
-
-def nan_model(path: Path) -> Path:
-    """A valid ONNX model whose output is always NaN: sqrt(-(|x| + 1))."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    one = helper.make_node("Constant", [], ["one"], value=helper.make_tensor("c", 1, [], [1.0]))
-    nodes = [
-        one,
-        helper.make_node("Abs", ["x"], ["a"]),
-        helper.make_node("Add", ["a", "one"], ["b"]),
-        helper.make_node("Neg", ["b"], ["c"]),
-        helper.make_node("Sqrt", ["c"], ["y"]),
-    ]
-    model = helper.make_model(
-        helper.make_graph(nodes, "nan", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def slower_model(source: Path, path: Path, copies: int = 3) -> Path:
