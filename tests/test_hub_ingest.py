@@ -301,10 +301,8 @@ def test_hub_state_is_online_while_running_and_offline_after(
     watcher = Peer(broker, "watcher")
     try:
         with running(hub_config(broker), store) as ingest:
-            watcher.subscribe(HUB_STATE_TOPIC)
-            assert wait_until(lambda: len(watcher.received) >= 1)
-            online = watcher.received[-1]
-            assert online.retain and decode(HubState, bytes(online.payload)).state == "online"
+            # Subscribe only once the hub has published, so the broker hands the watcher
+            # the retained copy (a live delivery carries retain=False).
             assert wait_until(
                 lambda: (
                     ingest.metrics.value(
@@ -313,6 +311,10 @@ def test_hub_state_is_online_while_running_and_offline_after(
                     >= 1
                 )
             )
+            watcher.subscribe(HUB_STATE_TOPIC)
+            assert wait_until(lambda: len(watcher.received) >= 1)
+            online = watcher.received[-1]
+            assert online.retain and decode(HubState, bytes(online.payload)).state == "online"
             assert ingest.metrics.value("edgefleet_hub_mqtt_connected") == 1
         assert wait_until(
             lambda: decode(HubState, bytes(watcher.received[-1].payload)).state == "offline"
