@@ -49,6 +49,7 @@ from hub.broker import MosquittoBroker  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
 from hub.ingest import SYS_DROPPED_TOPIC, Ingest  # noqa: E402
 from hub.metrics import HubMetrics  # noqa: E402
+from hub.server import tune_gc_for_serving  # noqa: E402
 from hub.store import Store  # noqa: E402
 from support import hub_samples  # noqa: E402
 
@@ -265,6 +266,7 @@ def _ingest_worker(index: int, setup: Setup, db: str, ready: Any, stop: MpEvent)
     with Store(db) as store:
         ingest = Ingest(config, store)
         ingest.start()
+        tune_gc_for_serving()  # as `edgefleet-hub serve` does once started
         cpu = time.process_time()
         ready.put(("ready", index, {}))
         stop.wait()
@@ -296,6 +298,7 @@ def ingest_phase(
         ready.get(timeout=60)
     ingest = Ingest(_ingest_config(setup, f"bench-{setup.session}", workers), store)
     ingest.start()
+    tune_gc_for_serving()  # as `edgefleet-hub serve` does once started
 
     def committed() -> int:
         if workers == 1:
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1 and args.protocol != "5":
         parser.error("--workers above 1 needs --protocol 5 (shared subscriptions)")
 
+    tune_gc_for_serving()  # the baseline runs under the same collector settings
     devices = [f"bench-{i:05d}" for i in range(args.devices)]
     shares = _split(devices, args.messages, args.publishers)
     total = args.messages + 2 * args.devices  # telemetry + status + birth per device

@@ -117,6 +117,9 @@ class Message(WireModel):
     SHORT_NAME: ClassVar[str] = ""
     TOPIC: ClassVar[tuple[Direction, Kind] | None] = None
     MAX_BYTES: ClassVar[int] = DEFAULT_MAX_BYTES
+    JSON_FAST_PATH: ClassVar[bool] = True
+    """Whether ``decode`` may validate the raw JSON directly (see ``_decode_plain``); off
+    for types whose validators need the parsed Python objects."""
 
     schema_: str = Field(alias="schema", description=_SCHEMA_DESCRIPTION)
 
@@ -381,6 +384,7 @@ class Desired(Message):
     schema_: Literal["edgefleet.desired/1"] = _schema_field("edgefleet.desired/1")
     TOPIC = (Direction.DOWN, Kind.DESIRED)
     MAX_BYTES = DESIRED_MAX_BYTES
+    JSON_FAST_PATH = False  # keeps the payload exactly as received, for the signatures
 
     payload: DesiredState
     signatures: list[Signature]
@@ -599,7 +603,35 @@ def decode(kind: type[Message] | str, payload: bytes, *, max_bytes: int | None =
     limit = model.MAX_BYTES if max_bytes is None else max_bytes
     if len(payload) > limit:
         raise MessageTooLarge(len(payload), limit)
-    data = _parse_json(bytes(payload))
+    payload = bytes(payload)
+    if model.JSON_FAST_PATH:
+        msg = _decode_plain(model, payload)
+        if msg is not None:
+            return msg
+    return _decode_checked(model, payload)
+
+
+def _decode_plain(model: type[M], payload: bytes) -> M | None:
+    """The common case in one pass of pydantic-core's JSON parser: a payload that cannot
+    hold what ``_decode_checked`` refuses beyond validation (deep nesting, NaN or
+    infinities, escapes that may be lone surrogates, a missing schema). None means "take
+    the checked path", which also gives the precise error for anything invalid."""
+    if (
+        payload.count(b"{") + payload.count(b"[") > MAX_DEPTH
+        or b"\\u" in payload
+        or b"NaN" in payload
+        or b"Infinity" in payload
+    ):
+        return None
+    try:
+        msg = model.model_validate_json(payload)
+    except ValidationError:
+        return None
+    return msg if "schema_" in msg.model_fields_set else None
+
+
+def _decode_checked(model: type[M], payload: bytes) -> M:
+    data = _parse_json(payload)
     if not isinstance(data, dict):
         raise MessageDecodeError(f"{model.SCHEMA}: payload is not a JSON object")
     if _too_deep(data, MAX_DEPTH):

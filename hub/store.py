@@ -817,6 +817,23 @@ ON CONFLICT (device_id, model, minute) DO UPDATE SET
 """
 
 
+_TOUCH = """
+INSERT INTO devices (device_id, session, last_seq, online, first_seen, last_seen)
+VALUES (?, ?, ?, 1, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = max(devices.last_seen, excluded.last_seen),
+    last_seq = CASE
+        WHEN excluded.session > devices.session THEN excluded.last_seq
+        WHEN excluded.session = devices.session
+        THEN max(coalesce(devices.last_seq, -1), excluded.last_seq)
+        ELSE devices.last_seq END,
+    online = CASE WHEN excluded.session > devices.session
+        THEN 1 ELSE devices.online END,
+    session = max(devices.session, excluded.session)
+"""
+"""Record that a device was heard from (creating it): last seen, session and seq."""
+
+
 class Store:
     """The hub's store: one SQLite connection, migrated on open, shared by a process's threads.
 
@@ -1013,23 +1030,7 @@ class Store:
 
     def _touch(self, device_id: str, session: int, seq: int, received_at: float) -> None:
         with self._lock:
-            self.db.execute(
-                """
-                INSERT INTO devices (device_id, session, last_seq, online, first_seen, last_seen)
-                VALUES (?, ?, ?, 1, ?, ?)
-                ON CONFLICT (device_id) DO UPDATE SET
-                    last_seen = max(devices.last_seen, excluded.last_seen),
-                    last_seq = CASE
-                        WHEN excluded.session > devices.session THEN excluded.last_seq
-                        WHEN excluded.session = devices.session
-                        THEN max(coalesce(devices.last_seq, -1), excluded.last_seq)
-                        ELSE devices.last_seq END,
-                    online = CASE WHEN excluded.session > devices.session
-                        THEN 1 ELSE devices.online END,
-                    session = max(devices.session, excluded.session)
-                """,
-                (device_id, session, seq, received_at, received_at),
-            )
+            self.db.execute(_TOUCH, (device_id, session, seq, received_at, received_at))
 
     def record_state(self, state: State, received_at: float) -> bool:
         """Store a reported state unless a newer one (by session, then seq) is stored."""
@@ -1134,8 +1135,13 @@ class Store:
             rows.append((t.device_id, t.session, t.seq, t.ts, item.payload, item.received_at))
         conn = self.db.conn
         with self.transaction():
-            for (device_id, session), (seq, seen_at) in sorted(touched.items()):
-                self._touch(device_id, session, seq, seen_at)
+            conn.executemany(
+                _TOUCH,
+                [
+                    (device_id, session, seq, seen_at, seen_at)
+                    for (device_id, session), (seq, seen_at) in sorted(touched.items())
+                ],
+            )
             before = conn.execute("SELECT coalesce(max(rowid), 0) FROM telemetry_raw").fetchone()[0]
             changes = conn.total_changes
             conn.executemany(

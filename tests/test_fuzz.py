@@ -67,6 +67,7 @@ from contract.messages import (
     DesiredState,
     HubState,
     Message,
+    _decode_checked,
     decode,
     encode,
 )
@@ -514,6 +515,11 @@ def message_payloads(kind: type[Message]) -> st.SearchStrategy[bytes]:
 def message_runner(kind: type[Message]) -> Runner:
     def run(payload: bytes) -> None:
         msg = decode(kind, payload)
+        # decode's one-pass path must accept exactly what the checked path accepts
+        checked = _decode_checked(kind, payload)
+        assert checked.model_dump(mode="json", by_alias=True) == msg.model_dump(
+            mode="json", by_alias=True
+        )
         wire = encode(msg)
         again = decode(kind, wire)
         dumped = again.model_dump(mode="json", by_alias=True)

@@ -307,6 +307,41 @@ def test_deepest_allowed_nesting_round_trips() -> None:
     assert json.loads(encode(msg)) == doc
 
 
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ('"x": NaN', "NaN is not allowed"),
+        ('"x": [Infinity]', "Infinity is not allowed"),
+        ('"x": "\\ud800"', "lone UTF-16 surrogate"),
+        ('"x": ' + "[" * 64 + "]" * 64, "nested more than 64 levels deep"),
+    ],
+)
+def test_a_valid_message_with_a_bad_unknown_field_is_refused(extra: str, reason: str) -> None:
+    """Unknown fields are kept unvalidated, so the checks before validation must see them."""
+    payload = encode(SAMPLES["telemetry"])
+    damaged = payload[:-1] + b", " + extra.encode() + b"}"
+    with pytest.raises(MessageDecodeError, match=reason):
+        decode(Telemetry, damaged)
+
+
+def test_a_message_without_its_schema_is_refused_although_the_field_has_a_default() -> None:
+    doc = as_dict(SAMPLES["telemetry"])
+    del doc["schema"]
+    with pytest.raises(MessageDecodeError, match="missing 'schema' field"):
+        decode(Telemetry, json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("ascii_only", [True, False], ids=["escaped", "utf8"])
+def test_text_and_unknown_fields_decode_the_same_on_both_paths(ascii_only: bool) -> None:
+    doc = as_dict(SAMPLES["event"])
+    doc["data"] = {"note": "caf\u00e9 \U0001f600", "n": [1, 2.5, None, True, 10**30]}
+    doc["newer_field"] = {"kept": [1, {"a": "b"}]}
+    payload = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    msg = decode(Event, payload)
+    assert msg == messages._decode_checked(Event, payload)
+    assert json.loads(encode(msg)) == doc
+
+
 def test_validation_failure_names_the_first_field() -> None:
     doc = as_dict(SAMPLES["telemetry"])
     doc["system"]["cpu_percent"] = "lots"
