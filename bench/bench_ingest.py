@@ -261,12 +261,13 @@ def _counters(metrics: HubMetrics) -> dict[str, float]:
 
 
 def _ingest_worker(index: int, setup: Setup, db: str, ready: Any, stop: MpEvent) -> None:
-    """One more hub ingest process on the same shared subscription and the same store."""
+    """One more hub ingest process on the same shared subscription and the same store, as
+    `edgefleet-hub ingest-worker` runs it."""
     config = _ingest_config(setup, f"bench-{setup.session}-w{index}", 2)
     with Store(db) as store:
-        ingest = Ingest(config, store)
+        ingest = Ingest(config, store, worker_index=index)
         ingest.start()
-        tune_gc_for_serving()  # as `edgefleet-hub serve` does once started
+        tune_gc_for_serving()  # as `edgefleet-hub ingest-worker` does once started
         cpu = time.process_time()
         ready.put(("ready", index, {}))
         stop.wait()

@@ -174,6 +174,19 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(config_path(args.config))
 
 
+def _worker_index(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 999:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 999, got {text!r}")
+    return int(text)
+
+
+def _ingest_worker(args: argparse.Namespace) -> int:
+    from hub.config import config_path
+    from hub.server import run_server
+
+    return run_server(config_path(args.config), ingest_worker=args.index)
+
+
 def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init = commands.add_parser("init", help="create a hub data directory (store, keys, token)")
     init.add_argument("dir", metavar="DIR", type=Path)
@@ -210,6 +223,19 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "serve", help="run the hub (ingest, controller, HTTP API)", parents=[config]
     )
     serve.set_defaults(handler=_serve)
+    worker = commands.add_parser(
+        "ingest-worker",
+        help="run one more ingest process beside the hub (shared subscription)",
+        parents=[config],
+    )
+    worker.add_argument(
+        "--index",
+        type=_worker_index,
+        metavar="N",
+        default=1,
+        help="this worker's number: its MQTT client id is <hub client id>-ingest-<N>",
+    )
+    worker.set_defaults(handler=_ingest_worker)
 
 
 # --- the API client ----------------------------------------------------------------------

@@ -45,7 +45,6 @@ behind (docs/hub-ingest.md).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import secrets
@@ -349,6 +348,10 @@ class Ingest:
     the worker; ``stop()`` writes what is waiting, publishes the hub offline and
     disconnects; an ``Ingest`` runs once. ``publish()`` is how the rest of the hub sends
     (desired documents, commands) over the same connection.
+
+    With ``worker_index`` it is an extra ingest process beside the hub (``edgefleet-hub
+    ingest-worker``): its own client id on the same shared subscription, and it neither
+    speaks for the hub (no hub state, no Will) nor reads the retained snapshot.
     """
 
     def __init__(
@@ -358,8 +361,10 @@ class Ingest:
         *,
         metrics: HubMetrics | None = None,
         hooks: IngestHooks | None = None,
+        worker_index: int | None = None,
     ) -> None:
         self.config = config
+        self.worker_index = worker_index
         self.store = store
         self.metrics = metrics if metrics is not None else HubMetrics()
         self.hooks = hooks if hooks is not None else IngestHooks()
@@ -378,7 +383,10 @@ class Ingest:
         self._stored = {k: self.metrics.ingest_messages.labels(k) for k in _KINDS}
         self._duplicates = {k: self.metrics.ingest_duplicates.labels(k) for k in _KINDS}
         self._topics: dict[str, ParsedTopic] = {}
-        self._client = self._make_client(self.config.client_id, persistent=True)
+        client_id = config.client_id
+        if worker_index is not None:
+            client_id = f"{client_id}-ingest-{worker_index}"
+        self._client = self._make_client(client_id, persistent=True)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -387,13 +395,7 @@ class Ingest:
         return self._connected.is_set()
 
     def start(self, timeout: float = 10.0) -> None:
-        """Connect, subscribe and start writing; IngestError when that fails in ``timeout``.
-
-        Also freezes the objects alive now out of the garbage collector's reach
-        (``gc.freeze``): its full passes would otherwise re-scan the whole hub for every few
-        hundred decoded messages, which costs the worker about a third of its CPU.
-        """
-        gc.freeze()
+        """Connect, subscribe and start writing; IngestError when that fails in ``timeout``."""
         self.tracker.load(self.store.device_cursors(), time.monotonic())
         self.metrics.devices_online.set(self.store.count_devices(online=True))
         broker = self.config.broker
@@ -430,7 +432,7 @@ class Ingest:
         if self._worker is not None:
             self._worker.join(timeout)
             self._worker = None
-        if self._connected.is_set():
+        if self._connected.is_set() and self.worker_index is None:
             info = self._publish_hub_state("offline")
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(min(timeout, 2.0))
@@ -508,8 +510,9 @@ class Ingest:
         if broker.username is not None:
             client.username_pw_set(broker.username, self.config.broker_password())
         if persistent:
-            will = HubState(state="offline", hub_id=self.config.hub_id, ts=time.time())
-            client.will_set(HUB_STATE_TOPIC, encode(will), qos=1, retain=True)
+            if self.worker_index is None:
+                will = HubState(state="offline", hub_id=self.config.hub_id, ts=time.time())
+                client.will_set(HUB_STATE_TOPIC, encode(will), qos=1, retain=True)
             client.max_queued_messages_set(0)
             client.reconnect_delay_set(1, 30)
             client.on_connect = self._on_connect
@@ -540,12 +543,14 @@ class Ingest:
             client.subscribe(SYS_DROPPED_TOPIC, options=SubscribeOptions(qos=0))
         else:
             client.subscribe([(DEVICE_UP_ALL, 1), (SYS_DROPPED_TOPIC, 0)])
-        if self._v5 and group and (self._snapshot is None or not self._snapshot.is_alive()):
-            self._snapshot = threading.Thread(
-                target=self._read_retained, name="hub-ingest-snapshot", daemon=True
-            )
-            self._snapshot.start()
-        self._publish_hub_state("online")
+        if self.worker_index is None:  # only the hub itself reads the snapshot and speaks
+            snapshot_running = self._snapshot is not None and self._snapshot.is_alive()
+            if self._v5 and group and not snapshot_running:
+                self._snapshot = threading.Thread(
+                    target=self._read_retained, name="hub-ingest-snapshot", daemon=True
+                )
+                self._snapshot.start()
+            self._publish_hub_state("online")
         self.metrics.mqtt_connected.set(1)
         self._connected.set()
 

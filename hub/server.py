@@ -50,7 +50,7 @@ from contract.errors import EdgefleetError
 from hub.artifacts import ArtifactServer, ArtifactStore
 from hub.config import HubConfig, load_config
 from hub.controller import ControllerLoop
-from hub.errors import HubError
+from hub.errors import ConfigError, HubError
 from hub.ingest import Ingest, IngestHooks
 from hub.keys import Keyring
 from hub.metrics import HubMetrics
@@ -290,6 +290,54 @@ class HubServer:
         return ", ".join(parts)
 
 
+class IngestWorker:
+    """An extra ingest process beside the hub (``edgefleet-hub ingest-worker``): the same
+    store and shared subscription, nothing else. For fleets whose telemetry one hub
+    process cannot write alone; it needs MQTT 5, a shared group and gap detection off (a
+    device's messages are spread over the processes, so none of them sees every seq)."""
+
+    def __init__(self, config: HubConfig, index: int) -> None:
+        source = str(config.source) if config.source is not None else "hub.toml"
+        if config.broker.protocol != "5":
+            raise ConfigError(source, "broker.protocol", '"5" for ingest workers')
+        if not config.broker.shared_group:
+            raise ConfigError(source, "broker.shared_group", "a group name for ingest workers")
+        if config.ingest.detect_gaps:
+            raise ConfigError(
+                source,
+                "ingest.detect_gaps",
+                "false when ingest workers share the devices' messages with the hub",
+            )
+        self.config = config
+        self.index = index
+        self.store: Store | None = None
+        self.ingest: Ingest | None = None
+
+    def start(self) -> None:
+        try:
+            self.store = Store(self.config.store_path)
+            self.ingest = Ingest(self.config, self.store, worker_index=self.index)
+            self.ingest.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Write what is waiting and disconnect; safe to call twice."""
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.ingest = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def describe(self) -> str:
+        return (
+            f"ingest worker {self.index} of hub {self.config.hub_id}, "
+            f"broker {self.config.broker.url}"
+        )
+
+
 def _sd_notify(*assignments: str) -> None:
     """One datagram to systemd's ``$NOTIFY_SOCKET`` (no-op outside systemd)."""
     address = os.environ.get("NOTIFY_SOCKET", "")
@@ -321,8 +369,9 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
 
 
-def run_server(config_path: Path) -> int:
-    """Run the hub until SIGTERM or SIGINT; 0 after a clean stop, 2 if it cannot start."""
+def run_server(config_path: Path, *, ingest_worker: int | None = None) -> int:
+    """Run the hub (or, with ``ingest_worker``, that ingest worker) until SIGTERM or
+    SIGINT; 0 after a clean stop, 2 if it cannot start."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
@@ -336,11 +385,14 @@ def run_server(config_path: Path) -> int:
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server: HubServer | None = None
+    server: HubServer | IngestWorker | None = None
     try:
         try:
             config = load_config(config_path)
-            server = HubServer(config)
+            if ingest_worker is None:
+                server = HubServer(config)
+            else:
+                server = IngestWorker(config, ingest_worker)
             server.start()
             tune_gc_for_serving()
         except (EdgefleetError, OSError) as exc:  # OSError: a port in use, a path unwritable

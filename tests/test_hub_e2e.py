@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from contract.messages import Desired, HubState, decode
+from contract.messages import Desired, HubState, decode, encode, topic_for
 from contract.signing import TrustedKeys
 from hub.broker import MosquittoBroker, free_port
 from hub.client import HubClient
@@ -36,6 +36,7 @@ from hub.errors import ClientError
 from hub.init import init_hub
 from hub.keys import Keyring
 from hub.store import Store
+from support import hub_samples
 from support.agent_process import AgentProcess, Notifications, agent_process, child_env, cli
 from support.fleet import mqtt_tap
 from support.hub_fleet import OCR_HINTS, modelset_yaml, policy_yaml
@@ -113,12 +114,15 @@ def register(client: HubClient, ocr_models: dict[str, Path]) -> None:
 class HubProcess:
     """``run_server`` in a child process, READY=1 on its own notify socket."""
 
-    def __init__(self, config_path: Path, workdir: Path) -> None:
-        self.notify = Notifications(workdir, "hub-notify")
-        self.log_path = workdir / "hub.log"
+    def __init__(
+        self, config_path: Path, workdir: Path, command: tuple[str, ...] = ("serve",)
+    ) -> None:
+        name = "-".join(command)
+        self.notify = Notifications(workdir, f"hub-{name}-notify")
+        self.log_path = workdir / f"hub-{name}.log"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*HUB_CLI, "serve", "--config", str(config_path)],
+            [*HUB_CLI, *command, "--config", str(config_path)],
             env=child_env({"NOTIFY_SOCKET": str(self.notify.path)}),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -151,8 +155,10 @@ class HubProcess:
 
 
 @contextmanager
-def hub_process(config_path: Path, workdir: Path) -> Iterator[HubProcess]:
-    process = HubProcess(config_path, workdir)
+def hub_process(
+    config_path: Path, workdir: Path, command: tuple[str, ...] = ("serve",)
+) -> Iterator[HubProcess]:
+    process = HubProcess(config_path, workdir, command)
     try:
         yield process
     finally:
@@ -378,3 +384,77 @@ def test_serve_names_an_artifact_port_in_use(tmp_path: Path, broker: MosquittoBr
     assert done.returncode == 2, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "artifacts.bind" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- ingest workers beside the hub -----------------------------------------------------------
+
+
+STORED_TELEMETRY = 'edgefleet_hub_ingest_messages_total{kind="telemetry"}'
+
+
+def _metrics(config_path: Path) -> list[str]:
+    with api(load_config(config_path)) as client:
+        return client.metrics().splitlines()
+
+
+def worker_hub(tmp: Path, broker: MosquittoBroker, *, detect_gaps: bool = False) -> Path:
+    result = init_hub(tmp / "hub", broker_url=broker.url, api_bind=f"127.0.0.1:{free_port()}")
+    text = result.config_path.read_text()
+    text = text.replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
+    text = text.replace("detect_gaps = true", f"detect_gaps = {str(detect_gaps).lower()}")
+    result.config_path.write_text(text)
+    return result.config_path
+
+
+def test_an_ingest_worker_shares_the_devices_messages_with_the_hub(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    config_path = worker_hub(tmp_path, broker)
+    devices = [f"wk-{i}" for i in range(10)]
+    per_device = 60
+    with (
+        hub_process(config_path, tmp_path) as hub,
+        hub_process(config_path, tmp_path, ("ingest-worker", "--index", "1")) as worker,
+        mqtt_tap(broker, "edgefleet/v1/hub/state") as hub_state,
+    ):
+        hub.wait_ready()
+        worker.wait_ready()
+        with mqtt_tap(broker) as sender:
+            for device_id in devices:
+                sent = [hub_samples.status(device_id, 1, 0), hub_samples.birth(device_id, 1, 1)]
+                sent += [hub_samples.telemetry(device_id, 1, 2 + n) for n in range(per_device)]
+                for msg in sent:
+                    sender.publish(topic_for(msg), encode(msg))
+        with Store(load_config(config_path).store_path) as store:
+            deadline = time.monotonic() + 60
+            while store.count_telemetry() < len(devices) * per_device:
+                assert time.monotonic() < deadline, f"{hub.describe()}\n{worker.describe()}"
+                time.sleep(0.1)
+            assert store.count_telemetry() == len(devices) * per_device
+            assert store.count_devices() == len(devices)
+        metrics = [line for line in _metrics(config_path) if line.startswith(STORED_TELEMETRY)]
+        by_hub = float(metrics[0].split()[-1])
+        assert 0 < by_hub < len(devices) * per_device, "the worker took none of the messages"
+        assert "serving: ingest worker 1 of hub" in worker.log_path.read_text()
+        worker.kill()  # no Will: the hub is still the one that says whether it is online
+        time.sleep(0.5)
+        states = [decode(HubState, bytes(m.payload)).state for m in hub_state.received]
+        assert states and states[-1] == "online" and "offline" not in states
+        assert hub.terminate() == 0
+
+
+def test_an_ingest_worker_refuses_a_hub_that_detects_gaps(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    config_path = worker_hub(tmp_path, broker, detect_gaps=True)
+    done = subprocess.run(
+        [*HUB_CLI, "ingest-worker", "--config", str(config_path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "ingest.detect_gaps: false when" in done.stderr
+    assert str(config_path) in done.stderr
