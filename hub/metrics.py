@@ -116,6 +116,12 @@ class HubMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
             registry=r,
         )
+        self.rollout_tick_seconds = Histogram(
+            "edgefleet_hub_rollout_tick_seconds",
+            "Time one rollout tick took to step every active rollout (lock wait excluded).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.broker_dropped = Gauge(
             "edgefleet_hub_broker_messages_dropped",
             "The broker's $SYS/broker/publish/messages/dropped, as last read.",

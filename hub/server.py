@@ -174,8 +174,12 @@ class HubServer:
         service = self.service
         if service is None:
             return
+        driver = service.rollouts
         try:
-            service.rollouts.tick()
+            ticks = driver.ticks
+            driver.tick()
+            if driver.ticks != ticks:
+                self.metrics.rollout_tick_seconds.observe(driver.last_tick_s)
         except Exception:
             log.exception("rollout tick failed")
         finally:

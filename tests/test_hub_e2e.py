@@ -300,6 +300,13 @@ def test_hub_and_agents_converge_on_what_plan_predicted(
             assert sent and sent[-1].payload.generation == device.desired.generation
             sent[-1].verify(trusted)
 
+        # the rollout job ran (no rollout is active: each tick only looks) and is timed
+        ticks = [
+            line
+            for line in client.metrics().splitlines()
+            if line.startswith("edgefleet_hub_rollout_tick_seconds_count ")
+        ]
+        assert ticks and float(ticks[0].split()[-1]) >= 1, ticks
         for agent in agents.values():
             assert agent.terminate() == 0, agent.describe()
         assert hub.terminate() == 0, hub.describe()
