@@ -376,7 +376,12 @@ class Agent:
                 status.phase,
             ),
             models=self.counters.interval(self.host.snapshot()),
-            link=link_stats(self.link.counters.reconnects, self.outbox.depth, self.outbox.dropped),
+            link=link_stats(
+                self.link.counters.reconnects,
+                self.outbox.depth,
+                self.outbox.dropped,
+                self.link.counters.publish_refused,
+            ),
         )
 
     def publish_telemetry(self) -> None:

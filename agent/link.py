@@ -6,7 +6,11 @@ between loop iterations or in the caller's threads, never inside a callback.
 
 Every connection attempt gets a fresh paho client, so nothing paho still held for an old
 connection (unacknowledged outbox rows, an old session's birth) is re-sent after a
-reconnect: the outbox alone decides what is sent again, in order. Only the link thread
+reconnect: the outbox alone decides what is sent again, in order. An MQTT 5 broker may
+answer a row with a failure: one a retry cannot change (not authorized, topic or payload
+invalid, packet too large) drops the row, counted in ``publish_refused``; any other (quota
+exceeded, unspecified) keeps it in the outbox, sent again after ``publish_retry_after``.
+Only the link thread
 writes to the socket; ``publish`` from other threads queues the packet and wakes the loop
 (a TLS socket must not be written from two threads at once).
 """
@@ -33,6 +37,10 @@ log = logging.getLogger(__name__)
 
 NOT_AUTHORIZED_CODES = frozenset({0x86, 0x87})
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
+PUBLISH_REFUSED_FOR_GOOD = frozenset({0x87, 0x90, 0x95, 0x99})
+"""PUBACK reasons a retry cannot change: not authorized, topic name invalid, packet too
+large, payload format invalid."""
+PUBLISH_RETRY_AFTER_S = 5.0
 STABLE_AFTER_S = 10.0
 """A connection that lasted this long resets the backoff; a shorter one does not, so two
 agents with the same client id (each connect drops the other) back off instead of looping."""
@@ -105,12 +113,19 @@ class LinkCounters:
     not_authorized: int = 0
     callback_errors: int = 0
     published: int = 0
+    publish_refused: int = 0
+    """Outbox rows the broker refused for good (dropped)."""
+    publish_retries: int = 0
+    """Outbox rows the broker failed for now (kept and sent again)."""
 
 
 @dataclass
 class _Inflight:
     mids: dict[int, int] = field(default_factory=dict)
+    """paho message id -> outbox row id, for rows sent and not yet answered."""
     acked: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
 
 
 class MqttLink:
@@ -139,6 +154,7 @@ class MqttLink:
         backoff_cap: float = 60.0,
         rand: Callable[[], float] = random.random,
         stable_after: float = STABLE_AFTER_S,
+        publish_retry_after: float = PUBLISH_RETRY_AFTER_S,
     ) -> None:
         self.settings = settings
         self._subscriptions = list(subscriptions)
@@ -151,6 +167,7 @@ class MqttLink:
         self._backoff_cap = backoff_cap
         self._rand = rand
         self._stable_after = stable_after
+        self._publish_retry_after = publish_retry_after
         self.counters = LinkCounters()
         self.session = 0
         self.protocol = settings.protocol
@@ -162,6 +179,7 @@ class MqttLink:
         self._lost = False
         self._rebirth = False
         self._inflight = _Inflight()
+        self._retry_at = 0.0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
@@ -295,8 +313,14 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         with self._lock:
-            if mid in self._inflight.mids:
+            if mid not in self._inflight.mids:
+                return
+            if not reason_code.is_failure:
                 self._inflight.acked.add(mid)
+            elif reason_code.value in PUBLISH_REFUSED_FOR_GOOD:
+                self._inflight.refused.add(mid)
+            else:
+                self._inflight.failed.add(mid)
 
     # ---- the link thread ------------------------------------------------------------
 
@@ -383,6 +407,9 @@ class MqttLink:
         return "connected"
 
     def _serve(self) -> None:
+        # Answers that came just before the last connection ended still count (a broker may
+        # close the connection right after refusing a row); rows without one go again.
+        self._settle_answers()
         with self._lock:
             self._inflight = _Inflight()
         for topic, qos in self._subscriptions:
@@ -420,13 +447,8 @@ class MqttLink:
     def _drain_outbox(self) -> None:
         if self._outbox is None:
             return
-        with self._lock:
-            acked = [self._inflight.mids.pop(mid) for mid in self._inflight.acked]
-            self._inflight.acked.clear()
-            pending = bool(self._inflight.mids)
-        if acked:
-            self._outbox.ack(acked)
-        if pending or self._outbox.depth == 0:
+        pending = self._settle_answers()
+        if pending or self._outbox.depth == 0 or time.monotonic() < self._retry_at:
             return
         rows = self._outbox.peek(100)
         for row in rows:
@@ -435,6 +457,36 @@ class MqttLink:
                 break
             with self._lock:
                 self._inflight.mids[info.mid] = row.id
+
+    def _settle_answers(self) -> bool:
+        """Apply the broker's answers to sent rows to the outbox; True while rows sent on
+        this connection still wait for one."""
+        if self._outbox is None:
+            return False
+        inflight = self._inflight
+        with self._lock:
+            acked = [inflight.mids.pop(mid) for mid in inflight.acked]
+            refused = [inflight.mids.pop(mid) for mid in inflight.refused]
+            failed = [inflight.mids.pop(mid) for mid in inflight.failed]
+            inflight.acked.clear()
+            inflight.refused.clear()
+            inflight.failed.clear()
+            pending = bool(inflight.mids)
+        if refused:
+            self.counters.publish_refused += len(refused)
+            log.warning("the broker refused %d outbox message(s) for good; dropped", len(refused))
+            acked += refused
+        if acked:
+            self._outbox.ack(acked)
+        if failed:
+            self.counters.publish_retries += len(failed)
+            self._retry_at = time.monotonic() + self._publish_retry_after
+            log.warning(
+                "the broker failed %d outbox message(s); sending again in %.1fs",
+                len(failed),
+                self._publish_retry_after,
+            )
+        return pending
 
     def _abandon(self) -> None:
         """Close the current connection without a DISCONNECT (the broker sends the Will)."""

@@ -108,8 +108,10 @@ class ModelCounters:
         return result
 
 
-def link_stats(reconnects: int, outbox_depth: int, dropped: int) -> LinkStats:
-    return LinkStats(reconnects=reconnects, outbox_depth=outbox_depth, dropped=dropped)
+def link_stats(reconnects: int, outbox_depth: int, dropped: int, refused: int) -> LinkStats:
+    return LinkStats(
+        reconnects=reconnects, outbox_depth=outbox_depth, dropped=dropped, refused=refused
+    )
 
 
 def agent_stats(version: str, applied: int, desired: int, phase: Any) -> AgentStats:

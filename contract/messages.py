@@ -263,6 +263,11 @@ class LinkStats(Part):
     dropped: NonNegativeInt = Field(
         default=0, description="Messages dropped from the full outbox since the agent started."
     )
+    refused: NonNegativeInt = Field(
+        default=0,
+        description="Messages the broker refused for good (MQTT 5: not authorized, invalid "
+        "topic or payload, too large) and the agent dropped, since it started.",
+    )
 
 
 class Telemetry(DeviceMessage):

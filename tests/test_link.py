@@ -641,13 +641,22 @@ def test_rows_cut_off_in_flight_are_sent_again_once_and_in_order(
         assert all(rows.count(n) <= 2 for n in range(20)), rows
 
 
-class Mqtt311OnlyBroker:
-    """Just enough of an old broker: refuses MQTT 5 the 3.1.1 way, accepts 3.1.1, acks QoS 1."""
+class FakeBroker:
+    """Just enough of a broker for what mosquitto cannot be made to do: refuse MQTT 5 the
+    3.1.1 way (``levels={4}``), or answer an MQTT 5 PUBLISH with a chosen PUBACK reason
+    (``puback(topic, payload)``). Records the level of every CONNECT and every PUBLISH."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        levels: frozenset[int] = frozenset({4}),
+        puback: Callable[[str, bytes], int] = lambda topic, payload: 0,
+    ) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
+        self.accepted_levels = levels
+        self.puback = puback
         self.levels: list[int] = []
+        self.published: list[tuple[str, bytes]] = []
         self._threads: list[threading.Thread] = []
         self._accepting = threading.Thread(target=self._accept, name="fake-broker")
         self._accepting.start()
@@ -667,6 +676,17 @@ class Mqtt311OnlyBroker:
             thread = threading.Thread(target=self._serve, args=(conn,), name="fake-broker-conn")
             self._threads.append(thread)
             thread.start()
+
+    @staticmethod
+    def _varint(data: bytes, at: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = data[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value, at
 
     @staticmethod
     def _packet(conn: socket.socket) -> tuple[int, bytes] | None:
@@ -697,23 +717,40 @@ class Mqtt311OnlyBroker:
                     return
                 level = first[1][6]  # after the protocol name b"\0\4MQTT"
                 self.levels.append(level)
-                if level != 4:
+                if level not in self.accepted_levels:
                     conn.sendall(b"\x20\x02\x00\x01")  # unacceptable protocol version
                     return
-                conn.sendall(b"\x20\x02\x00\x00")
+                v5 = level == 5
+                conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
                 while (packet := self._packet(conn)) is not None:
-                    kind, body = packet
-                    if kind >> 4 == 3 and (kind >> 1) & 3 == 1:  # PUBLISH, QoS 1: PUBACK
-                        topic_length = int.from_bytes(body[:2], "big")
-                        conn.sendall(b"\x40\x02" + body[2 + topic_length : 4 + topic_length])
-                    elif kind >> 4 == 14:  # DISCONNECT
-                        return
+                    self._answer(conn, v5, *packet)
             except OSError:
                 return
 
+    def _answer(self, conn: socket.socket, v5: bool, kind: int, body: bytes) -> None:
+        if kind >> 4 == 3:  # PUBLISH
+            topic_end = 2 + int.from_bytes(body[:2], "big")
+            topic = body[2:topic_end].decode()
+            qos = (kind >> 1) & 3
+            at = topic_end + (2 if qos else 0)
+            if v5:
+                length, at = self._varint(body, at)
+                at += length
+            self.published.append((topic, body[at:]))
+            if qos == 1:
+                mid = body[topic_end : topic_end + 2]
+                reason = self.puback(topic, body[at:]) if v5 else 0
+                conn.sendall(b"\x40\x04" + mid + bytes([reason, 0]) if v5 else b"\x40\x02" + mid)
+        elif kind >> 4 == 8 and v5:  # SUBSCRIBE (one topic each): granted QoS 1
+            conn.sendall(b"\x90\x04" + body[:2] + b"\x00\x01")
+        elif kind >> 4 == 12:  # PINGREQ
+            conn.sendall(b"\xd0\x00")
+        elif kind >> 4 == 14:  # DISCONNECT
+            raise OSError("disconnected")
+
 
 def test_an_mqtt5_link_falls_back_to_311_on_a_broker_that_refuses_5(state: AgentState) -> None:
-    old = Mqtt311OnlyBroker()
+    old = FakeBroker()
     try:
         device = Device("127.0.0.1", old.port, state, backoff_base=0.05, rand=lambda: 1.0)
         with running(device):
@@ -725,3 +762,59 @@ def test_an_mqtt5_link_falls_back_to_311_on_a_broker_that_refuses_5(state: Agent
         assert old.levels == [5, 4]
     finally:
         old.close()
+
+
+# --------------------------------------------------------------------------- PUBACK failures
+
+
+def test_rows_the_broker_refuses_for_good_are_dropped_and_counted(
+    tmp_path: Path, state: AgentState
+) -> None:
+    """mosquitto's ACL answers an MQTT 5 PUBLISH it denies with PUBACK *Not authorized*
+    (and mosquitto 2.0 then closes the connection): the row must not come back forever."""
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "topic readwrite t/dev-1/status\ntopic write t/dev-1/birth\n"
+        "topic read t/dev-1/in\ntopic write t/dev-1/telemetry\ntopic read t/#\n"
+    )
+    as_root = ["user root"] if os.geteuid() == 0 else []
+    broker = MosquittoBroker(
+        workdir=tmp_path / "acl-broker", extra_config=[*as_root, f"acl_file {acl}"]
+    )
+    with broker, Outbox(tmp_path / "outbox.db", max_messages=100, max_bytes=1 << 20) as outbox:
+        outbox.put("t/dev-1/telemetry", b'{"n": 0}', qos=1)
+        outbox.put("t/dev-1/forbidden", b'{"n": 1}', qos=1)
+        outbox.put("t/dev-1/telemetry", b'{"n": 2}', qos=1)
+        device = Device(broker.host, broker.port, state, outbox=outbox)
+        with listening(broker, "t/#") as listener, running(device):
+            wait_until(lambda: outbox.depth == 0, "the outbox drained")
+            listener.wait(lambda: len(listener.on("t/dev-1/telemetry")) == 2, "both allowed rows")
+        assert [m.json()["n"] for m in listener.on("t/dev-1/telemetry")] == [0, 2]
+        assert listener.on("t/dev-1/forbidden") == []
+        assert device.link.counters.publish_refused == 1
+        assert device.link.counters.publish_retries == 0
+
+
+def test_rows_the_broker_fails_for_now_stay_in_the_outbox_and_go_again(
+    tmp_path: Path, state: AgentState
+) -> None:
+    failures = iter([0x97, 0x80])  # quota exceeded, then unspecified error; then success
+
+    def puback(topic: str, payload: bytes) -> int:
+        return next(failures, 0) if payload == b'{"n": 1}' else 0
+
+    broker = FakeBroker(levels=frozenset({5}), puback=puback)
+    try:
+        with Outbox(tmp_path / "outbox.db", max_messages=100, max_bytes=1 << 20) as outbox:
+            for n in range(3):
+                outbox.put("t/dev-1/telemetry", json.dumps({"n": n}).encode(), qos=1)
+            device = Device("127.0.0.1", broker.port, state, outbox=outbox, publish_retry_after=0.2)
+            with running(device):
+                wait_until(lambda: outbox.depth == 0, "the outbox drained")
+            sent = [json.loads(p)["n"] for t, p in broker.published if t == "t/dev-1/telemetry"]
+            assert sorted(sent) == [0, 1, 1, 1, 2]
+            assert device.link.counters.publish_retries == 2
+            assert device.link.counters.publish_refused == 0
+            assert outbox.dropped == 0
+    finally:
+        broker.close()
