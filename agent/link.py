@@ -498,7 +498,9 @@ class MqttLink:
             log.debug("closing the socket failed", exc_info=True)
 
     def _say_goodbye(self) -> None:
-        infos = [self._send(self._client, p) for p in self._final]
+        sent = [self._send(self._client, p) for p in self._final]
+        # a connection that died as the stop came refuses them at once: nothing to wait for
+        infos = [i for i in sent if i.rc == MQTTErrorCode.MQTT_ERR_SUCCESS]
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not all(i.is_published() for i in infos):
             if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:

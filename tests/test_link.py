@@ -818,3 +818,11 @@ def test_rows_the_broker_fails_for_now_stay_in_the_outbox_and_go_again(
             assert outbox.dropped == 0
     finally:
         broker.close()
+
+
+def test_the_goodbye_on_a_connection_that_just_died_does_not_raise(state: AgentState) -> None:
+    """The stop may come as the connection dies: paho then refuses the goodbye at once."""
+    device = Device("127.0.0.1", free_port(), state)
+    device.link._final = [device.status("offline", 1)]
+    device.link._say_goodbye()  # never connected: publish answers "no connection"
+    assert not device.link.connected
