@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -32,8 +31,14 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from contract.broker_url import (
+    BrokerAddress,
+    broker_fields_problem,
+    check_broker_url,
+)
 from contract.errors import KeyFormatError, ManifestError
 from contract.signing import PublicKey, TrustedKeys
+from contract.toml_keys import describe_value, dotted_key, toml_key
 from contract.topics import device_id_problem
 
 ENV_PREFIX = "EDGEFLEET_AGENT__"
@@ -51,7 +56,6 @@ _PATTERN_MEANINGS = {
     "(at most 63, starting with a letter or digit)",
 }
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)\s*$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class _KeyProblemError(ValueError):
@@ -106,7 +110,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class BrokerConfig(_Section):
+class BrokerConfig(BrokerAddress, _Section):
     """``[broker]``: where the MQTT broker is and how to authenticate to it."""
 
     url: str = Field(description="mqtt://host[:port] or mqtts://host[:port].")
@@ -123,50 +127,15 @@ class BrokerConfig(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        expected = f"expected mqtt://host[:port] or mqtts://host[:port], got {url!r}"
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(expected)
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"{expected} (bad port)") from None
-        if port == 0:
-            raise ValueError(f"{expected} (bad port)")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{expected} (put credentials in username and password)")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{expected} (no path or query)")
-        return url
+        return check_broker_url(url)
 
     @model_validator(mode="after")
     def _consistent(self) -> BrokerConfig:
-        if self.password is not None and self.password_file is not None:
-            raise _KeyProblemError("set password or password_file, not both", at=("password_file",))
-        has_password = self.password is not None or self.password_file is not None
-        if has_password and self.username is None:
-            raise _KeyProblemError("a password needs a username", at=("username",))
-        if (self.cert_file is None) != (self.key_file is None):
-            missing = "key_file" if self.key_file is None else "cert_file"
-            raise _KeyProblemError("cert_file and key_file go together", at=(missing,))
-        if not self.tls:
-            for name in ("ca_file", "cert_file", "key_file"):
-                if getattr(self, name) is not None:
-                    raise _KeyProblemError("TLS files need an mqtts:// url", at=(name,))
+        problem = broker_fields_problem(self)
+        if problem is not None:
+            expected, key = problem
+            raise _KeyProblemError(expected, at=(key,))
         return self
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        """The URL's port, or 8883 for mqtts:// and 1883 for mqtt://."""
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
 
     def password_value(self) -> str | None:
         """The password, read from ``password_file`` (trailing newline removed) if set there."""
@@ -449,7 +418,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], source: str) ->
             target.pop(key, None)
         else:
             target[key] = raw if _is_text_field(parts) else _parse_scalar(raw)
-        applied[_dotted(tuple(parts))] = name
+        applied[dotted_key(tuple(parts))] = name
     return applied
 
 
@@ -522,10 +491,10 @@ def _to_manifest_error(
     problem = error.get("ctx", {}).get("error")
     if isinstance(problem, _KeyProblemError):
         loc = (*loc, *problem.at)
-    field = _dotted(loc)
+    field = dotted_key(loc)
     expected = _expectation(error, is_key, secret=loc[-1:] == ("password",))
     for depth in range(len(loc), 0, -1):
-        variable = from_env.get(_dotted(loc[:depth]))
+        variable = from_env.get(dotted_key(loc[:depth]))
         if variable is not None:
             expected += f" (set by ${variable})"
             break
@@ -535,7 +504,7 @@ def _to_manifest_error(
 def _expectation(error: ErrorDetails, is_key: bool, secret: bool) -> str:
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx", {}))
-    got = "a value not shown here" if secret else _describe(error["input"])
+    got = "a value not shown here" if secret else describe_value(error["input"])
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
@@ -582,29 +551,6 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     return []
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    """A location as written in TOML: ``trust.hub_public_keys[0].keyid``."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            name = part if _BARE_KEY.match(part) else json.dumps(part)
-            text += f".{name}" if text else name
-    return text or "(document)"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -661,7 +607,7 @@ def _setting(
 
 
 def _key(name: str) -> str:
-    return name if _BARE_KEY.match(name) else json.dumps(name)
+    return toml_key(name)
 
 
 def _toml(value: object) -> str:

@@ -33,6 +33,12 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from contract.broker_url import (
+    BrokerAddress,
+    broker_fields_problem,
+    check_broker_url,
+)
+from contract.toml_keys import describe_value, dotted_key
 from contract.topics import device_id_problem
 from hub.errors import ConfigError
 
@@ -41,7 +47,6 @@ CONFIG_NAME = "hub.toml"
 DEFAULT_VALIDITY_S = 7 * 24 * 3600.0
 DEFAULT_RESIGN_BEFORE_S = 2 * 24 * 3600.0
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)\s*$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _TYPES = {
     "int_type": "an integer",
     "int_from_float": "an integer",
@@ -71,7 +76,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class BrokerSection(_Section):
+class BrokerSection(BrokerAddress, _Section):
     """``[broker]``: the MQTT broker and the hub's account on it."""
 
     url: str = "mqtt://127.0.0.1:1883"
@@ -93,19 +98,7 @@ class BrokerSection(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        expected = f"expected mqtt://host[:port] or mqtts://host[:port], got {url!r}"
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(expected)
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"{expected} (bad port)") from None
-        if port == 0 or parts.username is not None or parts.password is not None:
-            raise ValueError(f"{expected} (no credentials in the url; use username/password)")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{expected} (no path or query)")
-        return url
+        return check_broker_url(url)
 
     @field_validator("shared_group")
     @classmethod
@@ -117,36 +110,14 @@ class BrokerSection(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> BrokerSection:
-        if self.password is not None and self.password_file is not None:
-            raise _Problem("set password or password_file, not both", "password_file")
-        if (self.password is not None or self.password_file is not None) and not self.username:
-            raise _Problem("a password needs a username", "username")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise _Problem(
-                "cert_file and key_file go together",
-                "key_file" if self.key_file is None else "cert_file",
-            )
-        if not self.tls:
-            for name in ("ca_file", "cert_file", "key_file"):
-                if getattr(self, name) is not None:
-                    raise _Problem("TLS files need an mqtts:// url", name)
+        problem = broker_fields_problem(self)
+        if problem is not None:
+            raise _Problem(*problem)
         if self.shared_group and self.protocol != "5":
             raise _Problem(
                 'shared subscriptions need protocol "5"; set shared_group = ""', "protocol"
             )
         return self
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
 
 
 class ApiSection(_Section):
@@ -412,10 +383,14 @@ def _config_error(error: ErrorDetails, source: str) -> ConfigError:
     problem = error.get("ctx", {}).get("error")
     if isinstance(problem, _Problem):
         loc = (*loc, problem.at)
-    key = _dotted(loc)
+    key = dotted_key(loc)
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx", {}))
-    got = "a value not shown here" if "password" in key or "token" in key else _show(error["input"])
+    got = (
+        "a value not shown here"
+        if "password" in key or "token" in key
+        else describe_value(error["input"])
+    )
     if kind == "missing":
         expected = "required key is missing"
     elif kind == "extra_forbidden":
@@ -441,26 +416,6 @@ def _allowed(loc: tuple[str | int, ...]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            name = part if _BARE_KEY.match(part) else json.dumps(part)
-            text += f".{name}" if text else name
-    return text or "(document)"
 
 
 def render_config(

@@ -36,7 +36,8 @@ IMPURE_MODULES = {
     "tempfile",
     "threading",
     "time",
-    "urllib",
+    "urllib.request",  # urllib.parse only splits strings
+    "urllib.robotparser",
 }
 IMPURE_BUILTINS = {"open", "print", "input", "exec", "eval", "__import__"}
 
