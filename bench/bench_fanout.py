@@ -19,7 +19,7 @@ The fraction is bare seconds / controller seconds: the share of the bare loop's 
 controller reaches. Each later round changes the policy's runtime, so every device gets a
 new generation. The run fails unless every document was published and acknowledged.
 
-    PYTHONPATH=.:tests .venv/bin/python bench/bench_fanout.py [--devices 10000]
+    .venv/bin/python bench/bench_fanout.py [--devices 10000]
         [--rounds 1] [--json]
 """
 
@@ -39,17 +39,21 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from contract.topics import Kind, down_topic
-from hub.artifacts import ArtifactStore
-from hub.broker import MosquittoBroker
-from hub.config import HubConfig
-from hub.ingest import Ingest
-from hub.init import init_hub
-from hub.keys import Keyring
-from hub.metrics import HubMetrics
-from hub.service import HubService
-from hub.store import Store
-from support.hub_fleet import birth, policy_yaml
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from contract.topics import Kind, down_topic  # noqa: E402
+from hub.artifacts import ArtifactStore  # noqa: E402
+from hub.broker import MosquittoBroker  # noqa: E402
+from hub.config import HubConfig  # noqa: E402
+from hub.ingest import Ingest  # noqa: E402
+from hub.init import init_hub  # noqa: E402
+from hub.keys import Keyring  # noqa: E402
+from hub.metrics import HubMetrics  # noqa: E402
+from hub.service import HubService  # noqa: E402
+from hub.store import Store  # noqa: E402
+from support.hub_fleet import birth, policy_yaml  # noqa: E402
 
 ACK_TIMEOUT_S = 600.0
 
