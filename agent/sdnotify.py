@@ -4,7 +4,8 @@ sd_notify is one datagram to ``$NOTIFY_SOCKET``. The agent runs as ``Type=notify
 ``WatchdogSec=``: it says ``READY=1`` once it serves, ``WATCHDOG=1`` at half the watchdog
 period, ``STATUS=...`` when its state changes and ``STOPPING=1`` when it begins to drain.
 Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op. A failed send is logged,
-never raised: the daemon goes on.
+never raised: the daemon goes on. So is a send that found no room in the receiver's queue
+for ``NOTIFY_TIMEOUT_S`` (a supervisor that does not read).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 UNIT_NAME = "edgefleet-agent.service"
+NOTIFY_TIMEOUT_S = 2.0
+"""How long one send may wait for room in the receiver's queue (a supervisor that does not
+read): then it fails, logged, instead of stopping the caller for good."""
 
 
 def _address(environ: Mapping[str, str]) -> str | None:
@@ -45,6 +49,7 @@ def notify(*assignments: str, environ: Mapping[str, str] | None = None) -> bool:
     message = "\n".join(assignments).encode("utf-8")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(NOTIFY_TIMEOUT_S)
             sock.connect(address)
             sock.sendall(message)
     except OSError as exc:

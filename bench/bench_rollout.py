@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import subprocess
@@ -39,16 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hub.broker import MosquittoBroker, free_port  # noqa: E402
+from hub.broker import MosquittoBroker  # noqa: E402
 from hub.client import HubClient  # noqa: E402
-from hub.config import HubConfig, load_config  # noqa: E402
 from hub.simulate import Simulation, SimulationConfig, read_public_keys  # noqa: E402
-from support.agent_process import (  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
-    Notifications,
-    child_env,
+from support.hub_process import (  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+    HubProcess,
+    make_hub,
 )
 
-HUB_CLI = [sys.executable, "-m", "hub.cli"]
 POLICY = "ocr-bench"
 MODEL_SET = "ocr"
 LABELS = {"fleet": "bench"}
@@ -56,7 +53,6 @@ CLS_SHAPE = [1, 3, 48, 192]
 V1, V2 = "1.0.0", "2.0.0"
 TERMINAL = ("succeeded", "failed", "aborted", "rolled_back")
 TICK_S = 1.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 POLICY_YAML = f"""schema: edgefleet.policy/1
 name: {POLICY}
@@ -78,90 +74,6 @@ def raise_nofile() -> int:
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-class HubProcess:
-    """``edgefleet-hub serve`` in a child process, READY=1 on its own notify socket."""
-
-    def __init__(self, config_path: Path, workdir: Path) -> None:
-        self.notify = Notifications(workdir, "hub-notify")
-        self.log_path = workdir / "hub.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*HUB_CLI, "serve", "--config", str(config_path)],
-            env=child_env({"NOTIFY_SOCKET": str(self.notify.path)}),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def describe(self) -> str:
-        tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
-        return f"hub pid {self.proc.pid} (exit {self.proc.poll()}); log:\n" + "\n".join(tail)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "READY=1" not in "\n".join(self.notify.poll(0.2)).split("\n"):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the hub exited: {self.describe()}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the hub was not ready: {self.describe()}")
-
-    def skipped_ticks(self) -> int:
-        """Rollout ticks APScheduler skipped so far because the previous one still ran."""
-        text = self.log_path.read_text(errors="replace")
-        return sum(
-            1
-            for line in text.splitlines()
-            if "_tick_rollouts" in line and "maximum number of running instances" in line
-        )
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the hub process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-        finally:
-            self._log.close()
-            self.notify.close()
-
-
-def make_hub(tmp: Path, broker: MosquittoBroker) -> HubConfig:
-    """``edgefleet-hub init`` for this broker, on free ports."""
-    directory = tmp / "hub"
-    done = subprocess.run(
-        [
-            *HUB_CLI,
-            "init",
-            str(directory),
-            "--hub-id",
-            "hub-bench",
-            "--broker-url",
-            broker.url,
-            "--api-bind",
-            f"127.0.0.1:{free_port()}",
-        ],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"edgefleet-hub init failed: {done.stderr}")
-    path = directory / "hub.toml"
-    text = path.read_text().replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
-    path.write_text(text)
-    return load_config(path)
 
 
 def modelset_yaml(version: str, variants: list[Any]) -> str:
@@ -261,7 +173,7 @@ def run(devices: int, processes: int, workdir: Path) -> dict[str, Any]:
     extra = ["max_connections -1", "set_tcp_nodelay true", "max_inflight_messages 0"]
     figures: dict[str, Any] = {"devices": devices, "processes": processes, "nofile": nofile}
     with MosquittoBroker(workdir=workdir / "broker", extra_config=extra) as broker:
-        config = make_hub(workdir, broker)
+        config = make_hub(workdir, broker, hub_id="hub-bench", artifact_token=None)
         assert config.source is not None
         client = HubClient(f"http://{config.api.bind}", config.api_token(), timeout=300)
         hub = HubProcess(config.source, workdir)

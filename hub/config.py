@@ -90,8 +90,9 @@ class BrokerSection(BrokerAddress, _Section):
     keepalive: int = Field(default=30, ge=5, le=65535)
     protocol: Annotated[Literal["5", "3.1.1"], BeforeValidator(_protocol_from_number)] = "5"
     shared_group: str = Field(
-        default="hub",
-        description="MQTT 5 shared-subscription group of the ingest; empty for a plain one.",
+        default="",
+        description="MQTT 5 shared-subscription group of the ingest, for ingest workers; "
+        "empty (the default) for a plain subscription, which survives a broker restart.",
     )
     session_expiry_s: int = Field(default=3600, ge=0, le=4294967295)
 
@@ -448,7 +449,7 @@ url = {s(broker_url)}
 # username = "edgefleet-hub"
 # password_file = "broker-password"
 protocol = "5"
-shared_group = "hub"              # MQTT 5 shared subscription; "" for a plain one
+shared_group = ""                 # "hub": MQTT 5 shared subscription, for ingest workers
 session_expiry_s = 3600           # the broker keeps the hub's messages across a restart
 # The broker's max_queued_messages must be 0 (or above the hub's backlog):
 # mosquitto's default of 1000 silently drops QoS 1 messages (docs/hub-ingest.md).

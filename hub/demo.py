@@ -482,7 +482,6 @@ def make_hub(directory: Path, broker: BrokerInfo) -> HubConfig:
     text = text.replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
     if broker.protocol == "3.1.1":
         text = text.replace('protocol = "5"', 'protocol = "3.1.1"')
-        text = text.replace('shared_group = "hub"', 'shared_group = ""')
     result.config_path.write_text(text)
     return load_config(result.config_path)
 

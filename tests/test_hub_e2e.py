@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +34,10 @@ from hub.init import init_hub
 from hub.keys import Keyring
 from hub.store import Store
 from support import hub_samples
-from support.agent_process import AgentProcess, Notifications, agent_process, child_env, cli
+from support.agent_process import AgentProcess, agent_process, child_env, cli
 from support.fleet import mqtt_tap
 from support.hub_fleet import OCR_HINTS, modelset_yaml, policy_yaml
+from support.hub_process import HUB_CLI, HubProcess, hub_process, make_hub
 
 pytestmark = pytest.mark.slow
 
@@ -49,41 +47,7 @@ AGENTS = {
     "e2e-gw": ("intel-n100-gateway", "int8"),
     "e2e-srv": ("x86-64-nvidia-server", "fp32"),
 }
-HUB_CLI = [sys.executable, "-m", "hub.cli"]
 ARTIFACT_TOKEN = "artifact-token-for-e2e"
-
-
-def make_hub(tmp: Path, broker: MosquittoBroker) -> HubConfig:
-    """``edgefleet-hub init`` a directory for this broker, with free ports and a token for
-    the artifact server."""
-    directory = tmp / "hub"
-    done = subprocess.run(
-        [
-            *HUB_CLI,
-            "init",
-            str(directory),
-            "--hub-id",
-            "hub-e2e",
-            "--broker-url",
-            broker.url,
-            "--api-bind",
-            f"127.0.0.1:{free_port()}",
-        ],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    path = directory / "hub.toml"
-    (directory / "artifacts-token").write_text(ARTIFACT_TOKEN + "\n")
-    text = path.read_text().replace(
-        'bind = "127.0.0.1:8601"',
-        f'bind = "127.0.0.1:{free_port()}"\ntoken_file = "artifacts-token"',
-    )
-    path.write_text(text)
-    return load_config(path)
 
 
 def api(config: HubConfig) -> HubClient:
@@ -109,60 +73,6 @@ def register(client: HubClient, ocr_models: dict[str, Path]) -> None:
     ]
     assert all(v.load_memory_mb for v in variants)
     client.apply_model_set(modelset_yaml(variants), "ocr.yaml")
-
-
-class HubProcess:
-    """``run_server`` in a child process, READY=1 on its own notify socket."""
-
-    def __init__(
-        self, config_path: Path, workdir: Path, command: tuple[str, ...] = ("serve",)
-    ) -> None:
-        name = "-".join(command)
-        self.notify = Notifications(workdir, f"hub-{name}-notify")
-        self.log_path = workdir / f"hub-{name}.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*HUB_CLI, *command, "--config", str(config_path)],
-            env=child_env({"NOTIFY_SOCKET": str(self.notify.path)}),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def describe(self) -> str:
-        tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
-        return f"hub pid {self.proc.pid} (exit {self.proc.poll()}); log:\n" + "\n".join(tail)
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "READY=1" not in "\n".join(self.notify.poll(0.2)).split("\n"):
-            assert self.proc.poll() is None, f"the hub exited: {self.describe()}"
-            assert time.monotonic() < deadline, f"the hub was not ready: {self.describe()}"
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-        finally:
-            self._log.close()
-            self.notify.close()
-
-
-@contextmanager
-def hub_process(
-    config_path: Path, workdir: Path, command: tuple[str, ...] = ("serve",)
-) -> Iterator[HubProcess]:
-    process = HubProcess(config_path, workdir, command)
-    try:
-        yield process
-    finally:
-        process.kill()
 
 
 def agent_config(tmp: Path, config: HubConfig, broker: MosquittoBroker, device_id: str) -> Path:
@@ -240,7 +150,7 @@ def agent_status(config_path: Path) -> dict[str, Any]:
 def test_hub_and_agents_converge_on_what_plan_predicted(
     tmp_path: Path, broker: MosquittoBroker, ocr_models: dict[str, Path]
 ) -> None:
-    config = make_hub(tmp_path, broker)
+    config = make_hub(tmp_path, broker, hub_id="hub-e2e", artifact_token=ARTIFACT_TOKEN)
     assert config.source is not None
     configs = {d: agent_config(tmp_path, config, broker, d) for d in AGENTS}
 
@@ -409,6 +319,7 @@ def worker_hub(tmp: Path, broker: MosquittoBroker, *, detect_gaps: bool = False)
     text = result.config_path.read_text()
     text = text.replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
     text = text.replace("detect_gaps = true", f"detect_gaps = {str(detect_gaps).lower()}")
+    text = text.replace('shared_group = ""', 'shared_group = "hub"')
     result.config_path.write_text(text)
     return result.config_path
 

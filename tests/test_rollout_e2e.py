@@ -18,40 +18,35 @@ and starts from whatever version the policy names then:
 from __future__ import annotations
 
 import http.client
-import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from hub.api_models import RolloutDetail
-from hub.broker import MosquittoBroker, free_port
-from hub.client import HubClient
-from hub.config import HubConfig, load_config
-from hub.errors import ClientError
-from support.agent_process import AgentProcess, Notifications, child_env
+from hub.broker import MosquittoBroker
+from support.agent_process import child_env
+from support.hub_process import HUB_CLI
 from support.inference import binary_request
 from support.models import nan_model
+from support.rollout_fleet import (
+    CLS_SHAPE,
+    POLICY,
+    POLICY_YAML,
+    Fleet,
+    cohort_devices,
+    kinds,
+    rollout_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
-HUB_CLI = [sys.executable, "-m", "hub.cli"]
 DEVICES = [f"ro-{n}" for n in range(5)]
-PROFILE = "generic"
-POLICY = "ocr-rollout"
-MODEL_SET = "ocr"
-ARTIFACT_TOKEN = "artifact-token-for-rollouts"
-CLS_SHAPE = [1, 3, 48, 192]
-TERMINAL = ("succeeded", "failed", "aborted", "rolled_back")
 
 
 # --- model files -----------------------------------------------------------------------------
@@ -109,298 +104,25 @@ def slower_model(source: Path, path: Path, copies: int = 3) -> Path:
     return path
 
 
-# --- the hub process -------------------------------------------------------------------------
-
-
-class HubProcess:
-    """``edgefleet-hub serve`` in a child process, READY=1 on its own notify socket."""
-
-    def __init__(self, config_path: Path, workdir: Path, name: str) -> None:
-        self.notify = Notifications(workdir, f"{name}-notify")
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*HUB_CLI, "serve", "--config", str(config_path)],
-            env=child_env({"NOTIFY_SOCKET": str(self.notify.path)}),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def describe(self) -> str:
-        tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
-        return f"hub pid {self.proc.pid} (exit {self.proc.poll()}); log:\n" + "\n".join(tail)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "READY=1" not in "\n".join(self.notify.poll(0.2)).split("\n"):
-            assert self.proc.poll() is None, f"the hub exited: {self.describe()}"
-            assert time.monotonic() < deadline, f"the hub was not ready: {self.describe()}"
-
-    def kill(self) -> None:
-        """SIGKILL (no clean stop at all) and reap; release the log and the socket."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-        finally:
-            self._log.close()
-            self.notify.close()
-
-
-def make_hub(tmp: Path, broker: MosquittoBroker) -> HubConfig:
-    """``edgefleet-hub init`` for this broker, free ports, a token for the artifacts."""
-    directory = tmp / "hub"
-    done = subprocess.run(
-        [
-            *HUB_CLI,
-            "init",
-            str(directory),
-            "--hub-id",
-            "hub-rollouts",
-            "--broker-url",
-            broker.url,
-            "--api-bind",
-            f"127.0.0.1:{free_port()}",
-        ],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    path = directory / "hub.toml"
-    (directory / "artifacts-token").write_text(ARTIFACT_TOKEN + "\n")
-    text = path.read_text().replace(
-        'bind = "127.0.0.1:8601"',
-        f'bind = "127.0.0.1:{free_port()}"\ntoken_file = "artifacts-token"',
-    )
-    path.write_text(text)
-    return load_config(path)
-
-
-def agent_config(
-    tmp: Path, config: HubConfig, broker: MosquittoBroker, device_id: str, api_port: int
-) -> Path:
-    state_dir = tmp / device_id
-    state_dir.mkdir()
-    lines = [
-        f'device_id = "{device_id}"',
-        f'state_dir = "{state_dir}"',
-        f'profile = "{PROFILE}"',
-        'log_level = "info"',
-        "",
-        "[broker]",
-        f'url = "{broker.url}"',
-        "keepalive = 5",
-        "",
-        "[trust]",
-        f'hub_public_keys_file = "{config.public_keys_path}"',
-        "",
-        "[labels]",
-        'fleet = "rollouts"',
-        "",
-        "[api]",
-        f'bind = "127.0.0.1:{api_port}"',
-        "",
-        "[artifacts]",
-        f'token_file = "{config.data_path / "artifacts-token"}"',
-    ]
-    path = tmp / f"{device_id}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # --- the fleet -------------------------------------------------------------------------------
-
-
-def modelset_yaml(version: str, variants: list[Any], inputs: dict[str, list[int]]) -> str:
-    lines = [
-        "schema: edgefleet.modelset/1",
-        f"name: {MODEL_SET}",
-        f'version: "{version}"',
-        "models:",
-        "  - name: cls",
-        f'    version: "{version}"',
-        "    priority: 10",
-    ]
-    if inputs:
-        lines.append("    inputs:")
-        lines += [f"      {name}: {{shape: {shape}}}" for name, shape in inputs.items()]
-    lines.append("    variants:")
-    for v in variants:
-        memory = max(1, int(v.load_memory_mb or 20) + 1)
-        lines += [
-            f"      - name: {v.variant}",
-            f"        precision: {v.precision}",
-            f"        artifact: {{sha256: {v.sha256}, size: {v.size}}}",
-            f"        requires: {{memory_mb: {memory}}}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-POLICY_YAML = f"""schema: edgefleet.policy/1
-name: {POLICY}
-selector: {{labels: {{fleet: rollouts}}}}
-model_set: {{name: {MODEL_SET}, version: "1.0.0"}}
-runtime: {{probation_s: 0, telemetry_interval_s: 1}}
-"""
-
-
-@dataclass
-class Fleet:
-    tmp: Path
-    broker: MosquittoBroker
-    config: HubConfig
-    client: HubClient
-    agents: dict[str, AgentProcess]
-    cls_path: Path
-    api_ports: dict[str, int] = field(default_factory=dict)
-    """Each agent's inference API port."""
-    hubs: list[HubProcess] = field(default_factory=list)
-
-    @property
-    def hub(self) -> HubProcess:
-        return self.hubs[-1]
-
-    def start_hub(self) -> HubProcess:
-        assert self.config.source is not None
-        hub = HubProcess(self.config.source, self.tmp, f"hub-{len(self.hubs)}")
-        self.hubs.append(hub)
-        hub.wait_ready()
-        return hub
-
-    def describe(self, *device_ids: str) -> str:
-        parts = [self.hub.describe()]
-        parts += [self.agents[d].describe() for d in device_ids or DEVICES]
-        return "\n\n".join(parts)
-
-    def publish(self, version: str, path: Path, inputs: dict[str, list[int]]) -> None:
-        """Register ``path`` as cls ``version`` and publish model set ocr ``version``."""
-        variants = self.client.add_model(
-            path, name="cls", version=version, input_shapes=inputs or None
-        )
-        self.client.apply_model_set(modelset_yaml(version, variants, inputs), f"ocr-{version}")
-
-    def policy_version(self) -> str:
-        return self.client.policy(POLICY).document.model_set.version
-
-    def cls_version(self, device_id: str) -> str | None:
-        """The cls version the device reports running, committed and ready (else None).
-
-        A device that failed a generation and then got its old content again under a new
-        generation may report that generation applied with its phase still ``failed`` (an
-        agent that adopts equal content without touching the phase): running too."""
-        device = self.client.device(device_id)
-        state = device.state
-        if state is None:
-            return None
-        failed_before = (
-            state.phase == "failed"
-            and state.last_error is not None
-            and state.last_error.generation < state.applied_generation
-        )
-        if state.phase != "committed" and not failed_before:
-            return None
-        versions = [m.version for m in state.models if m.name == "cls" and m.ready]
-        return versions[0] if versions else None
-
-    def wait_running(self, version: str, device_ids: list[str], timeout: float = 90.0) -> None:
-        """Until every device reports ``version`` committed, on the hub's newest document."""
-        deadline = time.monotonic() + timeout
-        pending = set(device_ids)
-        while pending:
-            for device_id in sorted(pending):
-                try:
-                    device = self.client.device(device_id)
-                except ClientError as exc:  # not born yet
-                    assert exc.status == 404, exc
-                    continue
-                desired = device.desired
-                if (
-                    desired is not None
-                    and device.applied_generation == desired.generation
-                    and self.cls_version(device_id) == version
-                ):
-                    pending.discard(device_id)
-            if pending:
-                for agent in self.agents.values():
-                    assert agent.returncode is None, agent.describe()
-                assert self.hub.proc.poll() is None, self.hub.describe()
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"not on {version}: {sorted(pending)}\n{self.describe(*sorted(pending))}"
-                    )
-                time.sleep(0.3)
-
-    def wait_rollout(
-        self, name: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120.0
-    ) -> RolloutDetail:
-        deadline = time.monotonic() + timeout
-        while True:
-            detail = self.client.rollout(name, events=200, devices=True)
-            if detail.phase in until:
-                return detail
-            assert self.hub.proc.poll() is None, self.hub.describe()
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"rollout {name} is {detail.phase}: {detail.reason}\n"
-                    + json.dumps(detail.model_dump(mode="json")["cohort_progress"], indent=1)
-                    + "\n"
-                    + self.describe()
-                )
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, ocr_models: dict[str, Path]) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("rollouts")
     with MosquittoBroker(workdir=tmp / "broker") as broker:
-        config = make_hub(tmp, broker)
-        client = HubClient(f"http://{config.api.bind}", config.api_token(), timeout=120)
-        fleet = Fleet(tmp, broker, config, client, {}, ocr_models["cls"])
+        fleet = Fleet.create(tmp, broker, ocr_models["cls"])
         try:
-            fleet.start_hub()
             fleet.publish("1.0.0", ocr_models["cls"], {"x": CLS_SHAPE})
-            client.apply_policy(POLICY_YAML, "policy.yaml")
+            fleet.client.apply_policy(POLICY_YAML, "policy.yaml")
             for device_id in DEVICES:
-                fleet.api_ports[device_id] = free_port()
-                path = agent_config(tmp, config, broker, device_id, fleet.api_ports[device_id])
-                fleet.agents[device_id] = AgentProcess(path, tmp, name=device_id)
+                fleet.add_agent(device_id)
             for agent in fleet.agents.values():
                 agent.wait_ready(90)
             fleet.wait_running("1.0.0", DEVICES, timeout=120)
             yield fleet
         finally:
-            for agent in fleet.agents.values():
-                agent.kill()
-            for hub in fleet.hubs:
-                hub.kill()
-            client.close()
-
-
-def rollout_yaml(name: str, version: str, **fields: Any) -> str:
-    spec: dict[str, Any] = {
-        "schema": "edgefleet.rollout/1",
-        "name": name,
-        "policy": POLICY,
-        "target": version,
-        "cohorts": {"canary": 1, "batches": [50, 100], "bake_s": 0},
-        "device_timeout_s": 120,
-    }
-    spec.update(fields)
-    return json.dumps(spec)
-
-
-def cohort_devices(detail: RolloutDetail, index: int) -> list[str]:
-    assert detail.device_progress is not None
-    return [d.device_id for d in detail.device_progress if d.cohort == index]
-
-
-def kinds(detail: RolloutDetail) -> list[str]:
-    """Event kinds, oldest first."""
-    return [e.kind for e in reversed(detail.events)]
+            fleet.close()
 
 
 # --- 1. a good version ---------------------------------------------------------------------

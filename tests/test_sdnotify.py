@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,30 @@ def test_no_socket_is_a_quiet_no_op(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert sdnotify.watchdog(environ={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
     assert "sd_notify" in caplog.text
     assert sdnotify.ready(environ={"NOTIFY_SOCKET": "relative.sock"}) is False
+
+
+def test_a_socket_nobody_reads_fails_the_send_instead_of_blocking(
+    listener: tuple[socket.socket, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full receive queue (nobody reads: a stuck or absent supervisor) must not stop the
+    caller for good: the agent's worker thread sends STATUS= while it holds the applier's
+    lock. The send gives up after NOTIFY_TIMEOUT_S, logged, like any failed send."""
+    _, env = listener  # bound, never read
+    results: list[bool] = []
+
+    def fill() -> None:
+        # max_dgram_qlen (10 by default) datagrams fit; more would wait for a reader.
+        for n in range(64):
+            results.append(sdnotify.status(f"status {n}", environ=env))
+            if not results[-1]:
+                return
+
+    sender = threading.Thread(target=fill, name="sdnotify-fill")
+    sender.start()
+    sender.join(60)  # a bound for a hang, not a timing assertion
+    assert not sender.is_alive(), "sd_notify blocked on a socket nobody reads"
+    assert results[0] is True and results[-1] is False, results
+    assert "sd_notify" in caplog.text
 
 
 def test_watchdog_interval() -> None:
