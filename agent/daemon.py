@@ -56,8 +56,10 @@ from contract.signing import PublicKey, TrustedKeys
 from contract.topics import Kind, down_topic, up_topic
 
 log = logging.getLogger(__name__)
-# A job skipped because its previous run is still going is expected, not worth a warning.
+# A job skipped because its previous run is still going is expected, not worth a warning;
+# every run of every job (the probation check runs each second) is not worth a line.
 logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
 
 AGENT_VERSION = contract_version
 # Commands are not signed, so none of them may change what the device runs: a rollback

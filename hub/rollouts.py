@@ -183,6 +183,7 @@ class RolloutDriver:
         self.clock = clock
         self._lock = threading.RLock()
         self._cache: dict[int, _Loaded] = {}
+        """Active rollouts as last loaded or stepped; finished ones are read from the store."""
         self._contents: dict[tuple[str, int], DesiredContent] = {}
         self._set_models: dict[tuple[str, str], dict[str, str] | None] = {}
         self._watched: frozenset[str] = frozenset()
@@ -202,8 +203,14 @@ class RolloutDriver:
         loaded = _Loaded(
             record.id, spec, load_state(record.state), record.created_at, record.updated_at
         )
-        self._cache[record.id] = loaded
+        self._remember(loaded)
         return loaded
+
+    def _remember(self, loaded: _Loaded) -> None:
+        if loaded.state.phase in ACTIVE_PHASES:
+            self._cache[loaded.id] = loaded
+        else:
+            self._cache.pop(loaded.id, None)
 
     def _by_name(self, name: str) -> _Loaded:
         record = self.store.find_rollout(name)
@@ -372,7 +379,7 @@ class RolloutDriver:
             loaded = _Loaded(
                 loaded.id, loaded.spec, result.state, loaded.created_at, record.updated_at
             )
-            self._cache[loaded.id] = loaded
+            self._remember(loaded)
         failures = self._execute(loaded.spec, result.actions)
         events = [_event_in(e) for e in result.events] + failures
         self.store.record_rollout_events(loaded.id, events)
@@ -623,9 +630,10 @@ class RolloutDriver:
             }
             deciding: dict[tuple[str, str], _Loaded] = {}
             newest_per_policy: dict[str, _Loaded] = {}
+            by_id: dict[int, _Loaded] = {}
             for head in self.store.rollout_heads():
                 try:
-                    loaded = self._load(head)
+                    loaded = by_id[head.id] = self._load(head)
                 except (EdgefleetError, ValueError) as exc:
                     log.error("rollout %s cannot be loaded: %s", head.name, exc)
                     continue
@@ -669,7 +677,7 @@ class RolloutDriver:
                 except EdgefleetError as exc:
                     log.warning("rollout %s: promotion not redone: %s", loaded.spec.name, exc)
             for rollout_id, fix in fixes.items():
-                loaded = self._cache[rollout_id]
+                loaded = by_id[rollout_id]
                 parts = []
                 if fix.pinned:
                     parts.append(f"{len(fix.pinned)} pin(s) restored")

@@ -219,6 +219,8 @@ def test_hub_and_agents_converge_on_what_plan_predicted(
         assert ticks and float(ticks[0].split()[-1]) >= 1, ticks
         for agent in agents.values():
             assert agent.terminate() == 0, agent.describe()
+            log = agent.log_path.read_text()
+            assert "INFO agent." in log and "Running job" not in log, agent.describe()
         assert hub.terminate() == 0, hub.describe()
         states = [
             decode(HubState, r.payload) for r in tap.received if r.topic.endswith("/hub/state")

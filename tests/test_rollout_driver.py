@@ -266,6 +266,10 @@ def test_a_good_version_goes_through_canary_and_batches_and_is_promoted(rig: Rig
     assert [e.seq for e in reversed(stored)] == list(range(1, len(stored) + 1))
     assert rig.store.find_device(ROLLOUT_EVENT_DEVICE) is None
     assert all(e.data["rollout"] == "r1" for e in stored)
+    # a finished rollout is read from the store when asked for, not kept in memory
+    assert rig.driver._cache == {}
+    assert rig.driver.view("r1").state == done.state
+    assert rig.driver._cache == {}
 
 
 def test_a_failing_canary_stops_the_rollout_and_is_sent_back(rig: Rig) -> None:
