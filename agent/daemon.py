@@ -383,6 +383,7 @@ class Agent:
                 self.outbox.depth,
                 self.outbox.dropped,
                 self.link.counters.publish_refused,
+                self.dropped_messages,
             ),
         )
 

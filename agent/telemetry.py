@@ -108,9 +108,19 @@ class ModelCounters:
         return result
 
 
-def link_stats(reconnects: int, outbox_depth: int, dropped: int, refused: int) -> LinkStats:
+def link_stats(
+    reconnects: int,
+    outbox_depth: int,
+    dropped: int,
+    refused: int,
+    incoming_dropped: Mapping[str, int],
+) -> LinkStats:
     return LinkStats(
-        reconnects=reconnects, outbox_depth=outbox_depth, dropped=dropped, refused=refused
+        reconnects=reconnects,
+        outbox_depth=outbox_depth,
+        dropped=dropped,
+        refused=refused,
+        incoming_dropped=dict(incoming_dropped),
     )
 
 

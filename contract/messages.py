@@ -268,6 +268,12 @@ class LinkStats(Part):
         description="Messages the broker refused for good (MQTT 5: not authorized, invalid "
         "topic or payload, too large) and the agent dropped, since it started.",
     )
+    incoming_dropped: dict[str, NonNegativeInt] = Field(
+        default_factory=dict,
+        description="Messages from the broker the agent dropped since it started, by reason "
+        "(cmd_decode, desired_bad_signature, inbox_full, ...); refused desired documents "
+        "are also reported as desired.refused events, commands only here.",
+    )
 
 
 class Telemetry(DeviceMessage):

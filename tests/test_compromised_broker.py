@@ -435,6 +435,8 @@ def test_garbage_burst_is_counted_and_the_inbox_keeps_working(rig: Rig) -> None:
     reasons = set(rig.agent.dropped_messages)
     assert reasons <= {"desired_malformed", "cmd_decode", "cmd_too_large", "inbox_full"}, reasons
     assert rig.agent.link.counters.callback_errors == 0
+    # the counts go upstream with the telemetry
+    assert rig.agent.telemetry().link.incoming_dropped == rig.agent.dropped_messages
     rig.apply(rig.sign(rig.state(2)), 2)
     rig.assert_serving()
 
