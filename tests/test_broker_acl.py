@@ -22,6 +22,7 @@ import pytest
 
 from agent.config import load_config
 from agent.link import BrokerSettings, Incoming, MqttLink, Publication
+from contract.messages import DESIRED_MAX_BYTES
 from contract.topics import HUB_STATE_TOPIC, down_topic, up_topic
 from hub.broker import find_mosquitto, free_port
 from hub.broker_config import BrokerFiles, write_broker_config
@@ -356,6 +357,17 @@ def test_plain_listener_admits_only_the_hub_account(fleet: Fleet) -> None:
     for username, secret in ((None, None), ("edgefleet-hub", "wrong"), ("A", "")):
         with Probe("intruder", fleet.plain_port, username=username, password=secret) as probe:
             assert refused(probe.start()), username
+
+
+def test_a_desired_document_of_the_largest_accepted_size_passes(fleet: Fleet) -> None:
+    """The broker's packet limit leaves room for the topic and headers of a 1 MiB document."""
+    with fleet.hub("hub-big") as hub, fleet.device("B") as b:
+        b.subscribe(down_topic("B", "desired"))
+        hub.publish(down_topic("B", "desired"), b"x" * DESIRED_MAX_BYTES)
+        assert b.wait_for(
+            lambda: any(len(m.payload) == DESIRED_MAX_BYTES for m in b.messages), timeout=10
+        )
+        assert hub.connected and b.connected
 
 
 def test_oversized_packet_is_refused(fleet: Fleet) -> None:

@@ -362,7 +362,7 @@ def test_rendered_config_is_sized_for_the_fleet(tmp_path: Path) -> None:
         "max_connections 2200",
         "max_queued_messages 500000",
         f"max_queued_bytes {1024**3}",
-        "max_packet_size 1048576",
+        "max_packet_size 1114112",
         "listener 8884 127.0.0.1",
     ):
         assert line in lines, line
