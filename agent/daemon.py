@@ -38,6 +38,7 @@ from agent.telemetry import ModelCounters, SystemSampler, agent_stats, link_stat
 from contract import __version__ as contract_version
 from contract.errors import WireError
 from contract.messages import (
+    MAX_PACKET_BYTES,
     Birth,
     Cmd,
     CmdResult,
@@ -132,6 +133,7 @@ class Agent:
                 password=config.broker.password_value(),
                 keepalive=config.broker.keepalive,
                 protocol=config.broker.protocol,
+                max_packet_bytes=MAX_PACKET_BYTES,
             ),
             subscriptions=[
                 (down_topic(self.device_id, Kind.DESIRED), 1),

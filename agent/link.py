@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -77,15 +76,9 @@ class BrokerSettings:
     password: str | None = None
     keepalive: int = 30
     protocol: str = "5"
-
-    @classmethod
-    def from_url(cls, url: str, client_id: str, **kwargs: Any) -> BrokerSettings:
-        parts = urlsplit(url)
-        tls = parts.scheme == "mqtts"
-        port = parts.port or (8883 if tls else 1883)
-        return cls(
-            host=parts.hostname or "localhost", port=port, client_id=client_id, tls=tls, **kwargs
-        )
+    max_packet_bytes: int | None = None
+    """MQTT 5: the largest packet the broker may send this client (Maximum Packet Size);
+    an honest broker drops larger ones for it instead of sending them."""
 
 
 class OutboxLike(Protocol):
@@ -364,7 +357,13 @@ class MqttLink:
         self._lost = False
         try:
             if self.protocol == "5":
-                self._client.connect(s.host, s.port, s.keepalive, clean_start=True)
+                properties = None
+                if s.max_packet_bytes is not None:
+                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    properties.MaximumPacketSize = s.max_packet_bytes
+                self._client.connect(
+                    s.host, s.port, s.keepalive, clean_start=True, properties=properties
+                )
             else:
                 self._client.connect(s.host, s.port, s.keepalive)
         except (OSError, ssl.SSLError) as exc:

@@ -45,6 +45,9 @@ from contract.topics import (
 
 DEFAULT_MAX_BYTES = 256 * 1024
 DESIRED_MAX_BYTES = 1024 * 1024
+MAX_PACKET_BYTES = DESIRED_MAX_BYTES + 64 * 1024
+"""Largest MQTT packet either side needs: a desired document of the largest size with its
+topic, headers and properties. The broker configuration and the agent's CONNECT use it."""
 MAX_DEPTH = 64
 """Deepest nesting of arrays and objects a payload may have."""
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from contract.messages import DESIRED_MAX_BYTES
+from contract.messages import MAX_PACKET_BYTES
 from contract.topics import PREFIX
 from hub.ca import DEFAULT_HUB_NAME, CertificateAuthority, Role, name_problem, write_pair
 from hub.errors import BrokerConfigError, CAError
@@ -72,9 +72,7 @@ DATA_DIR = "data"
 DEFAULT_PORT = 8883
 DEFAULT_HUB_PORT = 8884
 DEFAULT_HUB_BIND = "127.0.0.1"
-PACKET_OVERHEAD_BYTES = 64 * 1024
-"""Room for the topic, the fixed and variable headers and the MQTT 5 properties."""
-DEFAULT_MAX_PACKET_BYTES = DESIRED_MAX_BYTES + PACKET_OVERHEAD_BYTES
+DEFAULT_MAX_PACKET_BYTES = MAX_PACKET_BYTES
 """Largest MQTT packet accepted: a desired document of the largest size agents accept
 (1 MiB) with its headers; four times the hub ingest's default message limit."""
 DEFAULT_QUEUE_PER_DEVICE = 250

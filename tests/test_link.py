@@ -126,6 +126,7 @@ class Device:
         on_message: Callable[[Incoming], None] | None = None,
         greeting_fails: int = 0,
         will_fails: int = 0,
+        max_packet_bytes: int | None = None,
         **link_kwargs: Any,
     ) -> None:
         self.state = state
@@ -145,6 +146,7 @@ class Device:
                 protocol=protocol,
                 username=username,
                 password=password,
+                max_packet_bytes=max_packet_bytes,
             ),
             subscriptions=[(f"{self.base}/in", 1)],
             next_session=self._next_session,
@@ -826,3 +828,18 @@ def test_the_goodbye_on_a_connection_that_just_died_does_not_raise(state: AgentS
     device.link._final = [device.status("offline", 1)]
     device.link._say_goodbye()  # never connected: publish answers "no connection"
     assert not device.link.connected
+
+
+def test_the_broker_sends_no_packet_above_the_maximum_the_link_announces(
+    broker: MosquittoBroker, state: AgentState
+) -> None:
+    device = Device(broker.host, broker.port, state, max_packet_bytes=1000)
+    with listening(broker, "t/#") as sender, running(device):
+        # the link subscribes before it greets, on the same connection: once the birth is
+        # out, the subscription is in place
+        sender.wait(lambda: births(sender, device), "birth")
+        sender.publish("t/dev-1/in", b"x" * 2000)
+        sender.publish("t/dev-1/in", b"small")
+        wait_until(lambda: device.messages, "the small message")
+        assert [m.payload for m in device.messages] == [b"small"]
+        assert device.link.connected and device.link.counters.connects == 1
