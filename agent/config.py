@@ -215,6 +215,18 @@ class ArtifactsConfig(_Section):
     token_file: ExistingFile | None = None
     max_artifact_bytes: int = Field(default=2048 * MIB, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
+    update_retry_s: float = Field(default=30.0, gt=0)
+    update_retry_max_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> ArtifactsConfig:
+        if self.update_retry_max_s < self.update_retry_s:
+            raise _KeyProblemError(
+                f"expected at least update_retry_s ({self.update_retry_s:g}), "
+                f"got {self.update_retry_max_s:g}",
+                at=("update_retry_max_s",),
+            )
+        return self
 
     def token(self) -> str | None:
         """The bearer token from ``token_file`` (surrounding white space removed), or None."""

@@ -7,12 +7,15 @@ threads (telemetry, probation, pressure, watchdog); the inference API's threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,12 @@ from contract.signing import PublicKey, TrustedKeys
 from contract.topics import Kind, down_topic, up_topic
 
 log = logging.getLogger(__name__)
+RETRIED_FAILURES = frozenset(
+    {"fetch_error", "artifact_unavailable", "storage_error", "storage_full", "o_s_error"}
+)
+"""Failure codes of an update that may pass on their own (a server or link down, a full
+disk): the same generation is tried again. Anything else (a hash or size mismatch, a model
+that does not load or fails its smoke test, nothing fits) waits for a new generation."""
 # A job skipped because its previous run is still going is expected, not worth a warning;
 # every run of every job (the probation check runs each second) is not worth a line.
 logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
@@ -150,6 +159,8 @@ class Agent:
         self._stopped = threading.Event()
         self._sd_status = ""
         self._telemetry_interval = 0.0
+        self._retry: _UpdateRetry | None = None
+        self._retry_lock = threading.Lock()
         self._last_telemetry = clock()
         self.pressure_interval_s = pressure_interval_s
         self.api = api_factory(self) if api_factory else None
@@ -465,7 +476,7 @@ class Agent:
             if not self._is_applied_document(payload):
                 self._refuse(verdict)
             return
-        self._accept(verdict)
+        self._accept(verdict, payload)
 
     def _is_applied_document(self, payload: bytes) -> bool:
         """Whether ``payload`` is the document already applied (a retained redelivery)."""
@@ -487,13 +498,51 @@ class Agent:
             data={"code": str(refusal.code)},
         )
 
-    def _accept(self, accepted: Accepted) -> None:
+    def _accept(self, accepted: Accepted, payload: bytes) -> None:
         outcome = self.applier.apply(accepted)
         if outcome.ok:
             self._trusted_keys = rotated_keys(self._trusted_keys, accepted.state)
             self.state.set_trusted_keys([k.model_dump() for k in self._trusted_keys])
             self._schedule_telemetry()
+        with self._retry_lock:
+            if outcome.ok or outcome.code not in RETRIED_FAILURES:
+                self._retry = None
+            else:
+                self._schedule_retry(outcome.generation, outcome.code, payload)
         self.state_changed()
+
+    def _schedule_retry(self, generation: int, code: str, payload: bytes) -> None:
+        """Try ``generation`` again later, waiting twice as long as last time for it."""
+        settings = self.config.artifacts
+        previous = self._retry
+        delay = settings.update_retry_s
+        if previous is not None and previous.generation == generation:
+            delay = min(previous.delay_s * 2, settings.update_retry_max_s)
+        self._retry = _UpdateRetry(generation, payload, delay)
+        log.info("generation %d failed (%s); trying it again in %.0fs", generation, code, delay)
+        self.event(
+            "update.retry_scheduled",
+            generation=generation,
+            message=f"trying generation {generation} again in {delay:.0f}s",
+            data={"code": code, "retry_in_s": delay},
+        )
+        with contextlib.suppress(Exception):  # the scheduler is stopping
+            self.scheduler.add_job(
+                self._retry_update,
+                "date",
+                run_date=datetime.fromtimestamp(time.time() + delay, UTC),
+                id="update-retry",
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+
+    def _retry_update(self) -> None:
+        """Hand the failed document to the worker again, unless a newer one came since."""
+        with self._retry_lock:
+            retry = self._retry
+        if retry is None or self.applier.status.desired_generation != retry.generation:
+            return
+        self._enqueue(Incoming(down_topic(self.device_id, Kind.DESIRED), retry.payload))
 
     def _on_cmd(self, incoming: Incoming) -> None:
         try:
@@ -553,3 +602,10 @@ def make_api(agent: Agent) -> InferenceServer:
         repository=repository,
         metrics=ApiMetrics(),
     )
+
+
+@dataclass(frozen=True)
+class _UpdateRetry:
+    generation: int
+    payload: bytes
+    delay_s: float

@@ -83,6 +83,7 @@ def rig(broker: MosquittoBroker, tmp_path: Path, ocr_models: dict[str, Path]) ->
     config_path = tmp_path / "agent.toml"
     config_path.write_text(
         agent_toml(device_id=DEVICE, broker=broker, state_dir=tmp_path / "state", key=key)
+        + "\n[artifacts]\nupdate_retry_s = 0.5\nupdate_retry_max_s = 1.0\n"
     )
     config = load_config(config_path, {})
     with (
@@ -204,6 +205,29 @@ def test_apply_serve_report_and_refuse(rig: Rig) -> None:
     )
     assert final.applied_generation == 1
     assert sorted(m.name for m in final.models if m.ready) == ["cls", "det", "rec"]
+    # none of these failures can pass on its own: none is tried again
+    assert not [e for e in rig.events() if e.kind == "update.retry_scheduled"]
+
+
+def test_an_update_that_failed_for_a_passing_reason_is_tried_again(rig: Rig) -> None:
+    """The artifact server answers 503 until the downloader gives up: the generation fails
+    with fetch_error, and the agent tries the same document again later, unasked."""
+    rig.tap.wait_for(lambda t: t.messages("birth"), 20, "birth")
+    cls_path = rig.models["cls"]
+    down = Fault(status=503)
+    rig.files.push_faults(f"/artifacts/{sha256_of(cls_path)}", *([down] * 4))
+    doc = desired_state(DEVICE, 1, ocr_specs(rig.models), base_urls=rig.base_urls)
+    rig.tap.publish_desired(DEVICE, signed(doc, rig.key))
+
+    failed = rig.wait_event("update.failed", 1)
+    assert failed.data["code"] == "fetch_error", failed
+    scheduled = rig.wait_event("update.retry_scheduled", 1)
+    assert scheduled.data == {"code": "fetch_error", "retry_in_s": 0.5}
+    state = rig.wait_state(
+        lambda s: s.applied_generation == 1 and s.phase == "committed", "generation 1 committed"
+    )
+    assert sorted(m.name for m in state.models if m.ready) == ["cls", "det", "rec"]
+    assert [e.kind for e in rig.events() if e.generation == 1].count("update.started") == 2
 
 
 def test_probation_breach_rolls_back_and_refuses(rig: Rig) -> None:

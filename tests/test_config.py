@@ -499,3 +499,16 @@ def test_docs_list_every_key() -> None:
             assert f"`{name}`" in doc or f"`[{name}]`" in doc, f"{name} is not documented"
             if name != "labels":
                 assert f"EDGEFLEET_AGENT__{name.upper()}" in doc
+
+
+def test_update_retry_bounds_must_be_ordered(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'device_id = "x"\n[broker]\nurl = "mqtt://127.0.0.1"\n'
+        "[artifacts]\nupdate_retry_s = 100\nupdate_retry_max_s = 10\n"
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_config(path, {})
+    assert "artifacts.update_retry_max_s: expected at least update_retry_s (100), got 10" in str(
+        caught.value
+    )
