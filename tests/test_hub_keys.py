@@ -161,7 +161,10 @@ def test_the_written_configuration_round_trips() -> None:
         ('[broker]\nurl = "http://x"', "broker.url: expected mqtt://host[:port]"),
         ('[broker]\nkeepalive = "30"', "broker.keepalive: expected an integer, got '30'"),
         ("[brokr]\nurl = 1", "brokr: unknown key; expected one of: hub_id, data_dir"),
-        ('[broker]\nprotocol = "3.1.1"', "broker.protocol: shared subscriptions need"),
+        (
+            '[broker]\nprotocol = "3.1.1"\nshared_group = "hub"',
+            "broker.protocol: shared subscriptions need",
+        ),
         ("[desired]\nresign_before_s = 1e9", "desired.resign_before_s: must be below"),
         ('[api]\ntoken = "abcdefghijklmnopq"', "api.token: set token or token_file"),
         ('[broker]\npassword = "secret1234"', "broker.username: a password needs a username"),
