@@ -45,6 +45,9 @@ from support.hub_process import (  # type: ignore[import-not-found,unused-ignore
     HubProcess,
     make_hub,
 )
+from support.rollout_fleet import (  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+    modelset_yaml,
+)
 
 POLICY = "ocr-bench"
 MODEL_SET = "ocr"
@@ -74,30 +77,6 @@ def raise_nofile() -> int:
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def modelset_yaml(version: str, variants: list[Any]) -> str:
-    lines = [
-        "schema: edgefleet.modelset/1",
-        f"name: {MODEL_SET}",
-        f'version: "{version}"',
-        "models:",
-        "  - name: cls",
-        f'    version: "{version}"',
-        "    priority: 10",
-        "    inputs:",
-        f"      x: {{shape: {CLS_SHAPE}}}",
-        "    variants:",
-    ]
-    for v in variants:
-        memory = max(1, int(v.load_memory_mb or 20) + 1)
-        lines += [
-            f"      - name: {v.variant}",
-            f"        precision: {v.precision}",
-            f"        artifact: {{sha256: {v.sha256}, size: {v.size}}}",
-            f"        requires: {{memory_mb: {memory}}}",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def rollout_json(name: str) -> str:
@@ -183,7 +162,10 @@ def run(devices: int, processes: int, workdir: Path) -> dict[str, Any]:
                 variants = client.add_model(
                     cls_model(), name="cls", version=version, input_shapes={"x": CLS_SHAPE}
                 )
-                client.apply_model_set(modelset_yaml(version, variants), f"ocr-{version}.yaml")
+                client.apply_model_set(
+                    modelset_yaml(version, {"cls": variants}, {"x": CLS_SHAPE}),
+                    f"ocr-{version}.yaml",
+                )
             client.apply_policy(POLICY_YAML, "policy.yaml")
 
             sim_config = SimulationConfig(

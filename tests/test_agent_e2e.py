@@ -18,6 +18,7 @@ from contract.manifests import ModelRuntime, RuntimePolicy
 from contract.messages import Birth, Event, State, Status, Telemetry
 from contract.signing import SigningKey
 from hub.broker import MosquittoBroker
+from hub.demo import nan_model
 from support.fleet import (
     Tap,
     agent_toml,
@@ -29,7 +30,6 @@ from support.fleet import (
     spec_for,
 )
 from support.http_server import ArtifactServer, Fault
-from support.models import nan_model
 
 DEVICE = "e2e-dev-1"
 

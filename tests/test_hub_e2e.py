@@ -247,14 +247,7 @@ def wait_born(client: HubClient, device_ids: list[str], hub: HubProcess) -> None
 def test_serve_refuses_a_bad_configuration(tmp_path: Path) -> None:
     path = tmp_path / "hub.toml"
     path.write_text('hub_id = "x"\n[broker]\nurl = "http://nope"\n')
-    done = subprocess.run(
-        [*HUB_CLI, "serve", "--config", str(path)],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_hub("serve", "--config", str(path))
     assert done.returncode == 2
     assert "broker.url" in done.stderr and str(path) in done.stderr
 
@@ -269,14 +262,7 @@ def test_serve_fails_cleanly_without_a_broker(tmp_path: Path) -> None:
         'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"'
     )
     result.config_path.write_text(text)
-    done = subprocess.run(
-        [*HUB_CLI, "serve", "--config", str(result.config_path)],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_hub("serve", "--config", str(result.config_path))
     assert done.returncode == 2, done.stderr
     assert "cannot connect" in done.stderr
     assert os.path.exists(result.config.store_path)
@@ -292,14 +278,7 @@ def test_serve_names_an_artifact_port_in_use(tmp_path: Path, broker: MosquittoBr
             'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{port}"'
         )
         result.config_path.write_text(text)
-        done = subprocess.run(
-            [*HUB_CLI, "serve", "--config", str(result.config_path)],
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_hub("serve", "--config", str(result.config_path))
     assert done.returncode == 2, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "artifacts.bind" in done.stderr
     assert "Traceback" not in done.stderr
@@ -317,13 +296,21 @@ def _metrics(config_path: Path) -> list[str]:
 
 
 def worker_hub(tmp: Path, broker: MosquittoBroker, *, detect_gaps: bool = False) -> Path:
-    result = init_hub(tmp / "hub", broker_url=broker.url, api_bind=f"127.0.0.1:{free_port()}")
-    text = result.config_path.read_text()
-    text = text.replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
+    """A hub directory whose hub.toml lets ingest workers share the subscription."""
+    path = make_hub(tmp, broker, hub_id="hub-e2e").source
+    assert path is not None
+    text = path.read_text()
     text = text.replace("detect_gaps = true", f"detect_gaps = {str(detect_gaps).lower()}")
     text = text.replace('shared_group = ""', 'shared_group = "hub"')
-    result.config_path.write_text(text)
-    return result.config_path
+    path.write_text(text)
+    return path
+
+
+def run_hub(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edgefleet-hub ARGS`` to its end, output captured."""
+    return subprocess.run(
+        [*HUB_CLI, *args], env=child_env(), capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_an_ingest_worker_shares_the_devices_messages_with_the_hub(
@@ -367,14 +354,7 @@ def test_an_ingest_worker_refuses_a_hub_that_detects_gaps(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     config_path = worker_hub(tmp_path, broker, detect_gaps=True)
-    done = subprocess.run(
-        [*HUB_CLI, "ingest-worker", "--config", str(config_path)],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_hub("ingest-worker", "--config", str(config_path))
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "ingest.detect_gaps: false when" in done.stderr
     assert str(config_path) in done.stderr

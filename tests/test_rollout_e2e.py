@@ -30,10 +30,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from hub.broker import MosquittoBroker
+from hub.demo import nan_model
 from support.agent_process import child_env
 from support.hub_process import HUB_CLI
 from support.inference import binary_request
-from support.models import nan_model
 from support.rollout_fleet import (
     CLS_SHAPE,
     POLICY,
