@@ -98,7 +98,6 @@ CLAIMING_PHASES = frozenset({*ACTIVE_PHASES, "failed"})
 """Phases in which a rollout may hold devices (``claimed_devices``)."""
 TELEMETRY_FRESH_S = 120.0
 """A request rate read from telemetry older than this (plus 3 intervals) is unknown."""
-_CONTENT_CACHE_MAX = 200_000
 
 Operation = Literal["pause", "resume", "abort", "rollback"]
 OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "abort", "rollback")
@@ -184,7 +183,8 @@ class RolloutDriver:
         self._lock = threading.RLock()
         self._cache: dict[int, _Loaded] = {}
         """Active rollouts as last loaded or stepped; finished ones are read from the store."""
-        self._contents: dict[tuple[str, int], DesiredContent] = {}
+        self._contents: dict[str, dict[int, DesiredContent]] = {}
+        """Per device, the stored contents of the generations its last observation named."""
         self._set_models: dict[tuple[str, str], dict[str, str] | None] = {}
         self._watched: frozenset[str] = frozenset()
         self.ticks = 0
@@ -383,11 +383,9 @@ class RolloutDriver:
         failures = self._execute(loaded.spec, result.actions)
         events = [_event_in(e) for e in result.events] + failures
         self.store.record_rollout_events(loaded.id, events)
-        if (
-            result.state.phase not in ACTIVE_PHASES
-            and len(self._contents) > _CONTENT_CACHE_MAX // 2
-        ):
-            self._contents.clear()  # keep the cache to what the active rollouts need
+        if result.state.phase not in ACTIVE_PHASES:
+            for device_id in device_ids(result.state):
+                self._contents.pop(device_id, None)
         return loaded
 
     # --- observations ----------------------------------------------------------------------
@@ -398,17 +396,7 @@ class RolloutDriver:
         """What the engine needs of the rollout's devices, read from the store."""
         ids = device_ids(state)
         snapshots = self.store.device_snapshots(ids)
-        keys = [
-            (s.device_id, g)
-            for s in snapshots.values()
-            for g in (s.applied_generation, s.issued_generation)
-            if g > 0
-        ]
-        missing = [k for k in keys if k not in self._contents]
-        if missing:
-            if len(self._contents) > _CONTENT_CACHE_MAX:
-                self._contents.clear()
-            self._contents.update(self.store.desired_contents(missing))
+        self._cache_contents(ids, snapshots)
         figures: Mapping[str, Mapping[str, tuple[int, int, float, int]]] = {}
         if window is not None:
             figures = self.store.model_figures(ids, since=window.since, until=window.until)
@@ -422,6 +410,33 @@ class RolloutDriver:
                 rate = self._request_rate(device_id, now)
             devices[device_id] = self._observation(spec, snapshot, figures.get(device_id, {}), rate)
         return Observations(devices=devices, window=window)
+
+    def _cache_contents(self, ids: Iterable[str], snapshots: Mapping[str, DeviceSnapshot]) -> None:
+        """Keep, for each of ``ids``, the contents of exactly the generations its snapshot
+        names (applied and issued), reading the missing ones from the store."""
+        wanted: dict[str, set[int]] = {}
+        for device_id in ids:
+            snapshot = snapshots.get(device_id)
+            if snapshot is None:
+                self._contents.pop(device_id, None)
+                continue
+            generations = {
+                g for g in (snapshot.applied_generation, snapshot.issued_generation) if g > 0
+            }
+            if self._contents.get(device_id, {}).keys() != generations:
+                wanted[device_id] = generations
+        missing = [
+            (device_id, g)
+            for device_id, generations in wanted.items()
+            for g in generations
+            if g not in self._contents.get(device_id, {})
+        ]
+        found = self.store.desired_contents(missing) if missing else {}
+        for device_id, generations in wanted.items():
+            known = self._contents.get(device_id, {})
+            kept = {g: known[g] for g in generations if g in known}
+            kept.update({g: found[device_id, g] for g in generations if (device_id, g) in found})
+            self._contents[device_id] = kept
 
     def _observation(
         self,
@@ -470,7 +485,7 @@ class RolloutDriver:
         model the document carries at its version (a lower-layer policy); else None."""
         if generation <= 0:
             return None
-        content = self._contents.get((device_id, generation))
+        content = self._contents.get(device_id, {}).get(generation)
         if content is None:
             return None
         candidates = (spec.target_ref, spec.baseline_ref)

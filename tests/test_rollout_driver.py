@@ -272,6 +272,27 @@ def test_a_good_version_goes_through_canary_and_batches_and_is_promoted(rig: Rig
     assert rig.driver._cache == {}
 
 
+def test_the_content_cache_keeps_only_the_generations_devices_name(rig: Rig) -> None:
+    """Per device, the driver keeps the contents of its applied and issued generations
+    only, and nothing once the rollout has ended: a hub rolling for months stays flat."""
+    rig.driver.start(rollout_yaml(), "r1.yaml")
+    cached_at_most = 0
+    for _ in range(30):
+        rig.driver.tick()
+        snapshots = rig.store.device_snapshots(list(rig.driver._contents))
+        for device_id, generations in rig.driver._contents.items():
+            s = snapshots[device_id]
+            assert set(generations) <= {s.applied_generation, s.issued_generation}
+            cached_at_most = max(cached_at_most, len(generations))
+        if rig.driver.view("r1").state.phase not in ("pending", "running", "paused"):
+            break
+        rig.answer()
+        rig.clock.now += 1.0
+    assert rig.driver.view("r1").state.phase == "succeeded"
+    assert cached_at_most == 2  # a device between two documents
+    assert rig.driver._contents == {}
+
+
 def test_a_failing_canary_stops_the_rollout_and_is_sent_back(rig: Rig) -> None:
     view = rig.driver.start(rollout_yaml(), "r1.yaml")
     canary = view.state.cohorts[0].devices[0]
