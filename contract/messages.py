@@ -24,6 +24,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 from pydantic.config import JsonDict
@@ -392,6 +393,10 @@ class DesiredState(Part):
         return self.model_dump(mode="json", by_alias=True)
 
 
+_SIGNED_PAYLOAD = "edgefleet.signed_payload"
+"""Validation context key: the payload dict just signed (``Desired.sign``), kept as is."""
+
+
 class Desired(Message):
     """Signed envelope of the desired state (retained). Signatures cover `payload`."""
 
@@ -408,11 +413,15 @@ class Desired(Message):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_signed_payload(
-        cls, data: Any, handler: ModelWrapValidatorHandler[Desired]
+        cls, data: Any, handler: ModelWrapValidatorHandler[Desired], info: ValidationInfo
     ) -> Desired:
         if isinstance(data, Desired):
             return handler(data)
         model = handler(data)
+        signed = info.context.get(_SIGNED_PAYLOAD) if isinstance(info.context, dict) else None
+        if isinstance(signed, dict):
+            model._signed = signed
+            return model
         raw = data.get("payload") if isinstance(data, Mapping) else None
         model._signed = copy.deepcopy(raw) if isinstance(raw, dict) else model.payload.signable()
         return model
@@ -421,7 +430,10 @@ class Desired(Message):
     def sign(cls, state: DesiredState, *keys: SigningKey) -> Desired:
         """An envelope of ``state`` signed by each key."""
         signable = state.signable()
-        return cls(payload=state, signatures=[key.sign(signable) for key in keys])
+        return cls.model_validate(
+            {"payload": state, "signatures": [key.sign(signable) for key in keys]},
+            context={_SIGNED_PAYLOAD: signable},
+        )
 
     def signed_payload(self) -> dict[str, Any]:
         """The payload exactly as received (or as built): what the signatures cover."""

@@ -49,7 +49,7 @@ from contract.messages import Birth, Event, EventKind, State, encode
 from contract.signing import PublicKey, SigningKey
 from contract.topics import Kind, down_topic
 from hub.config import HubConfig
-from hub.desired import Decision, PreviousDesired, next_document
+from hub.desired import ContentHashes, Decision, PreviousDesired, next_document
 from hub.enroll import revoked_devices
 from hub.errors import Conflict, PolicyError, UnknownModelSet
 from hub.ingest import IngestHooks
@@ -230,6 +230,7 @@ class _Round:
     signing: Sequence[SigningKey]
     trusted: Sequence[PublicKey]
     report: ReconcileReport
+    hashes: ContentHashes = field(default_factory=ContentHashes)
 
 
 @dataclass
@@ -437,6 +438,7 @@ class Controller:
                 base_urls=self.base_urls,
                 rollout=pins.rollout if pins is not None else None,
                 device_generation=max(device.applied_generation, device.desired_generation),
+                hashes=round_.hashes,
             )
             if decision.document is None:
                 report.count(device_id, _OUTCOMES[decision.kind])
@@ -453,11 +455,11 @@ class Controller:
                 payload = encode(document)
                 state = document.payload
                 try:
-                    self.store.record_desired(
+                    self.store.record_desired_encoded(
                         device.device_id,
                         state.generation,
                         decision.content_hash,
-                        json.loads(payload),
+                        payload,
                         issued_at=state.issued_at,
                         expires_at=state.expires_at,
                     )

@@ -22,7 +22,7 @@ Generations (docs/decisions/0007-layered-policies.md):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,6 +138,34 @@ def content_hash(value: DesiredContent | DesiredState | Mapping[str, Any]) -> st
     return hashlib.sha256(canonical_json(data)).hexdigest()
 
 
+class ContentHashes:
+    """``content_hash`` remembered for contents built from the same objects.
+
+    Within one reconcile every device that resolves to the same model set gets the very
+    same ``ModelSpec`` and ``RuntimePolicy`` objects, so their contents are equal when those
+    objects and the few plain fields are: one hash serves them all. Keep an instance for
+    one reconcile only; it holds the contents it hashed, so no object id is reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[object, ...], tuple[str, DesiredContent]] = {}
+
+    def __call__(self, content: DesiredContent) -> str:
+        key = (
+            tuple(map(id, content.models)),
+            id(content.runtime),
+            content.model_set.name,
+            content.model_set.version,
+            tuple(content.artifact_base_urls),
+            tuple((k.keyid, k.public_key) for k in content.trusted_keys),
+            content.rollout,
+        )
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = (content_hash(content), content)
+        return known[0]
+
+
 def due_for_resign(previous: PreviousDesired, now: float, resign_before_s: float) -> bool:
     """Whether ``previous`` expires within ``resign_before_s`` of ``now`` (or has expired)."""
     return previous.expires_at - now <= resign_before_s
@@ -156,6 +184,7 @@ def next_document(
     base_urls: Sequence[str],
     rollout: str | None = None,
     device_generation: int = 0,
+    hashes: Callable[[DesiredContent], str] = content_hash,
 ) -> Decision:
     """Decide whether ``device_id`` needs a new document, and build and sign it if so.
 
@@ -164,7 +193,8 @@ def next_document(
     generation the device reports having received; when it is above ``previous`` (a hub
     restored from an old backup) the document is published above it, or the device would
     refuse it as stale. Every key in ``keys`` signs. A non-empty ``trusted_keys`` replaces
-    the device's trusted keys, so it must include a signing key. Raises ValueError for
+    the device's trusted keys, so it must include a signing key. ``hashes`` computes the
+    content hash (a ``ContentHashes`` shares it between devices). Raises ValueError for
     inconsistent arguments.
     """
     _check_arguments(
@@ -187,7 +217,7 @@ def next_document(
     content = desired_content(
         resolution, base_urls=base_urls, trusted_keys=trusted_keys, rollout=rollout
     )
-    digest = content_hash(content)
+    digest = hashes(content)
 
     def build(kind: DecisionKind, reason: str, changed: bool) -> Decision:
         generation = max(known, device_generation) + 1

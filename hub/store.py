@@ -1596,6 +1596,49 @@ class Store:
     ) -> DesiredRecord:
         """Store a new signed document; Conflict unless ``generation`` is above the newest
         stored for the device (generations only grow)."""
+        self._insert_desired(
+            device_id,
+            generation,
+            content_hash,
+            _dump(document),
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+        return DesiredRecord(
+            device_id, generation, content_hash, dict(document), issued_at, expires_at, None
+        )
+
+    def record_desired_encoded(
+        self,
+        device_id: str,
+        generation: int,
+        content_hash: str,
+        encoded: bytes,
+        *,
+        issued_at: float,
+        expires_at: float,
+    ) -> None:
+        """``record_desired`` for a document already encoded as JSON (as it is published),
+        stored as is: the fan-out neither parses nor re-encodes it."""
+        self._insert_desired(
+            device_id,
+            generation,
+            content_hash,
+            encoded.decode("utf-8"),
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+
+    def _insert_desired(
+        self,
+        device_id: str,
+        generation: int,
+        content_hash: str,
+        text: str,
+        *,
+        issued_at: float,
+        expires_at: float,
+    ) -> None:
         with self.transaction():
             row = self._row(
                 "SELECT max(generation) AS g FROM desired WHERE device_id = ?", (device_id,)
@@ -1609,11 +1652,8 @@ class Store:
             self.db.execute(
                 "INSERT INTO desired (device_id, generation, content_hash, document, issued_at, "
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (device_id, generation, content_hash, _dump(document), issued_at, expires_at),
+                (device_id, generation, content_hash, text, issued_at, expires_at),
             )
-        return DesiredRecord(
-            device_id, generation, content_hash, dict(document), issued_at, expires_at, None
-        )
 
     def mark_desired_published(
         self, device_id: str, generation: int, published_at: float | None = None

@@ -10,12 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hub.desired
 from agent.desired import Accepted, Refusal, RefusalCode, judge_desired
 from contract.manifests import ModelSet, ModelSetRef, ModelSpec, Policy
 from contract.messages import Desired, DesiredState, decode, encode
 from contract.signing import PublicKey, SigningKey, TrustedKeys
 from hub.desired import (
     CONTENT_FIELDS,
+    ContentHashes,
     Decision,
     DesiredContent,
     PreviousDesired,
@@ -171,6 +173,33 @@ def _variants() -> dict[str, DesiredContent]:
 def test_content_hash_changes_with_every_content_field(field: str) -> None:
     base = desired_content(resolution(), base_urls=URLS, trusted_keys=[])
     assert content_hash(_variants()[field]) != content_hash(base)
+
+
+def test_shared_content_hashes_agree_with_content_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = desired_content(resolution(), base_urls=URLS, trusted_keys=[])
+    contents = [base, *_variants().values()]
+    expected = [content_hash(c) for c in contents]
+    computed: list[DesiredContent] = []
+
+    def counting(content: DesiredContent) -> str:
+        computed.append(content)
+        return content_hash(content)
+
+    monkeypatch.setattr(hub.desired, "content_hash", counting)
+    hashes = ContentHashes()
+    assert [hashes(c) for c in contents] == expected
+    assert [hashes(c) for c in contents] == expected  # the second time from memory
+    assert len(computed) == len(contents)
+    # another device resolving to the same objects shares the hash
+    again = desired_content(
+        Resolution(**{**vars(resolution()), "device_id": "pi-2", "runtime": base.runtime}),
+        base_urls=URLS,
+        trusted_keys=[],
+    )
+    assert hashes(again) == expected[0] and len(computed) == len(contents)
+    # equal content from other objects is hashed again, to the same value
+    assert hashes(desired_content(resolution(), base_urls=URLS, trusted_keys=[])) == expected[0]
+    assert len(computed) == len(contents) + 1
 
 
 def test_every_content_field_is_covered() -> None:

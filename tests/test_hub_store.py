@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -472,6 +473,16 @@ def test_desired_generations_only_grow(store: Store) -> None:
     assert [r.generation for r in store.desired_history("pi-1")] == [3, 1]
     with pytest.raises(NotFound):
         store.mark_desired_published("pi-1", 2)
+
+
+def test_an_encoded_document_is_stored_as_published(store: Store) -> None:
+    encoded = json.dumps(_doc("k1"), separators=(",", ":")).encode()
+    store.record_desired_encoded("pi-1", 2, "h1", encoded, issued_at=NOW, expires_at=NOW + 9)
+    latest = store.latest_desired("pi-1")
+    assert latest is not None
+    assert (latest.generation, latest.content_hash, latest.document) == (2, "h1", _doc("k1"))
+    with pytest.raises(Conflict, match="generation 2 is not above the stored generation 2"):
+        store.record_desired_encoded("pi-1", 2, "h2", encoded, issued_at=NOW, expires_at=NOW + 9)
 
 
 def test_devices_not_trusting_a_key(store: Store) -> None:

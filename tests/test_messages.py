@@ -434,6 +434,17 @@ def test_desired_signature_survives_the_wire() -> None:
     assert received.signed_payload() == desired_state().signable()
 
 
+def test_a_signed_document_keeps_what_was_signed_and_verifies_before_the_wire() -> None:
+    state = desired_state()
+    document = Desired.sign(state, SIGNER)
+    assert document.payload is state
+    assert document.signed_payload() == state.signable()
+    assert document.verify(TrustedKeys([SIGNER.public])) == SIGNER.keyid
+    # what is kept is a copy: changing it changes nothing signed
+    document.signed_payload()["generation"] = 99
+    assert document.verify(TrustedKeys([SIGNER.public])) == SIGNER.keyid
+
+
 def test_desired_signature_covers_what_was_received() -> None:
     doc = as_dict(SAMPLES["desired"])
     doc["payload"]["generation"] = 8
