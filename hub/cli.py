@@ -100,13 +100,14 @@ def _load_local_config(args: argparse.Namespace) -> HubConfig:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from hub.init import DEFAULT_API_BIND, DEFAULT_BROKER_URL, init_hub
+    from hub.init import DEFAULT_API_BIND, DEFAULT_ARTIFACTS_BIND, DEFAULT_BROKER_URL, init_hub
 
     result = init_hub(
         args.dir,
         hub_id=args.hub_id,
         broker_url=args.broker_url or DEFAULT_BROKER_URL,
         api_bind=args.api_bind or DEFAULT_API_BIND,
+        artifacts_bind=args.artifacts_bind or DEFAULT_ARTIFACTS_BIND,
         artifact_base_urls=args.artifact_base_url or None,
     )
     config = result.config
@@ -193,6 +194,9 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     init.add_argument("--hub-id", help="the hub's id (default: hub-<hostname>)")
     init.add_argument("--broker-url", metavar="URL", help="mqtt://host:port or mqtts://...")
     init.add_argument("--api-bind", metavar="HOST:PORT", help="where the HTTP API listens")
+    init.add_argument(
+        "--artifacts-bind", metavar="HOST:PORT", help="where the hub's artifact server listens"
+    )
     init.add_argument(
         "--artifact-base-url",
         metavar="URL",

@@ -424,6 +424,7 @@ def render_config(
     hub_id: str,
     broker_url: str,
     api_bind: str,
+    artifacts_bind: str = "127.0.0.1:8601",
     artifact_base_urls: list[str] | None = None,
 ) -> str:
     """The hub.toml that ``init`` writes: every section with its defaults spelt out."""
@@ -466,7 +467,7 @@ resign_before_s = {DEFAULT_RESIGN_BEFORE_S:.0f}.0     # re-signed when less than
 dir = "artifacts"
 base_urls = [{urls}]               # external servers (S3, CDN) serving the files by hash
 serve = true                      # the hub's own artifact server, listed after base_urls
-bind = "127.0.0.1:8601"
+bind = {s(artifacts_bind)}
 # url = "http://hub.example:8601/artifacts"   # how devices reach it (default: from bind)
 # token_file = "artifacts-token"  # require this bearer token (agents: artifacts.token_file)
 

@@ -477,12 +477,11 @@ def make_hub(directory: Path, broker: BrokerInfo) -> HubConfig:
         hub_id="demo-hub",
         broker_url=broker.url,
         api_bind=f"127.0.0.1:{free_port()}",
+        artifacts_bind=f"127.0.0.1:{free_port()}",
     )
-    text = result.config_path.read_text()
-    text = text.replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
     if broker.protocol == "3.1.1":
-        text = text.replace('protocol = "5"', 'protocol = "3.1.1"')
-    result.config_path.write_text(text)
+        text = result.config_path.read_text().replace('protocol = "5"', 'protocol = "3.1.1"')
+        result.config_path.write_text(text)
     return load_config(result.config_path)
 
 

@@ -26,6 +26,7 @@ from hub.store import Store
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_API_BIND = "127.0.0.1:8600"
+DEFAULT_ARTIFACTS_BIND = "127.0.0.1:8601"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def init_hub(
     hub_id: str | None = None,
     broker_url: str = DEFAULT_BROKER_URL,
     api_bind: str = DEFAULT_API_BIND,
+    artifacts_bind: str = DEFAULT_ARTIFACTS_BIND,
     artifact_base_urls: list[str] | None = None,
 ) -> InitResult:
     """Create a hub data directory; InitError if ``directory`` is not empty or on failure.
@@ -66,6 +68,7 @@ def init_hub(
         hub_id=hub_id or default_hub_id(),
         broker_url=broker_url,
         api_bind=api_bind,
+        artifacts_bind=artifacts_bind,
         artifact_base_urls=artifact_base_urls,
     )
     config = parse_config(text, config_file)

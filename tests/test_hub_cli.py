@@ -439,6 +439,25 @@ def test_init_and_keys(tmp_path: Path) -> None:
     assert "KEY ID" in ok(run("keys", "list", env={"EDGEFLEET_HUB_CONFIG": config}))
 
 
+def test_init_takes_the_listening_addresses(tmp_path: Path) -> None:
+    hub_dir = tmp_path / "hub"
+    ok(
+        run(
+            "init",
+            str(hub_dir),
+            "--api-bind",
+            "127.0.0.1:18600",
+            "--artifacts-bind",
+            "[::1]:18601",
+        )
+    )
+    config = load_config(hub_dir / "hub.toml")
+    assert (config.api.bind, config.artifacts.bind) == ("127.0.0.1:18600", "[::1]:18601")
+    error = one_line_error(run("init", str(tmp_path / "other"), "--artifacts-bind", "nowhere"))
+    assert "artifacts.bind" in error and "host:port" in error
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.slow
 def test_serve_then_drive_it_with_the_cli(tmp_path: Path, broker: MosquittoBroker) -> None:
     api_port = free_port()
@@ -447,11 +466,9 @@ def test_serve_then_drive_it_with_the_cli(tmp_path: Path, broker: MosquittoBroke
         hub_id="hub-serve",
         broker_url=broker.url,
         api_bind=f"127.0.0.1:{api_port}",
+        artifacts_bind=f"127.0.0.1:{free_port()}",
     )
     path = created.config_path
-    path.write_text(
-        path.read_text().replace('bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"')
-    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(

@@ -257,11 +257,8 @@ def test_serve_fails_cleanly_without_a_broker(tmp_path: Path) -> None:
         tmp_path / "hub",
         broker_url=f"mqtt://127.0.0.1:{free_port()}",
         api_bind=f"127.0.0.1:{free_port()}",
+        artifacts_bind=f"127.0.0.1:{free_port()}",
     )
-    text = result.config_path.read_text().replace(
-        'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{free_port()}"'
-    )
-    result.config_path.write_text(text)
     done = run_hub("serve", "--config", str(result.config_path))
     assert done.returncode == 2, done.stderr
     assert "cannot connect" in done.stderr
@@ -269,15 +266,16 @@ def test_serve_fails_cleanly_without_a_broker(tmp_path: Path) -> None:
 
 
 def test_serve_names_an_artifact_port_in_use(tmp_path: Path, broker: MosquittoBroker) -> None:
-    result = init_hub(tmp_path / "hub", broker_url=broker.url, api_bind=f"127.0.0.1:{free_port()}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        text = result.config_path.read_text().replace(
-            'bind = "127.0.0.1:8601"', f'bind = "127.0.0.1:{port}"'
+        result = init_hub(
+            tmp_path / "hub",
+            broker_url=broker.url,
+            api_bind=f"127.0.0.1:{free_port()}",
+            artifacts_bind=f"127.0.0.1:{port}",
         )
-        result.config_path.write_text(text)
         done = run_hub("serve", "--config", str(result.config_path))
     assert done.returncode == 2, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "artifacts.bind" in done.stderr

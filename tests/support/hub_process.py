@@ -44,6 +44,8 @@ def make_hub(
             broker.url,
             "--api-bind",
             f"127.0.0.1:{free_port()}",
+            "--artifacts-bind",
+            f"127.0.0.1:{free_port()}",
         ],
         env=child_env(),
         capture_output=True,
@@ -53,11 +55,10 @@ def make_hub(
     )
     assert done.returncode == 0, done.stderr
     path = directory / "hub.toml"
-    artifacts = f'bind = "127.0.0.1:{free_port()}"'
+    text = path.read_text()
     if artifact_token is not None:
         (directory / "artifacts-token").write_text(artifact_token + "\n")
-        artifacts += '\ntoken_file = "artifacts-token"'
-    text = path.read_text().replace('bind = "127.0.0.1:8601"', artifacts)
+        text = text.replace('# token_file = "artifacts-token"', 'token_file = "artifacts-token"')
     if artifact_base_urls:
         urls = ", ".join(json.dumps(u) for u in artifact_base_urls)
         text = text.replace("base_urls = []", f"base_urls = [{urls}]")
