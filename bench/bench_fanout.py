@@ -16,8 +16,10 @@ Each round then times:
    every acknowledgement is in.
 
 The fraction is bare seconds / controller seconds: the share of the bare loop's rate the
-controller reaches. Each later round changes the policy's runtime, so every device gets a
-new generation. The run fails unless every document was published and acknowledged.
+controller reaches. After that, a reconcile in which nothing changed is timed too (what
+every device's birth or a policy apply that changes nothing costs). Each later round
+changes the policy's runtime, so every device gets a new generation. The run fails unless
+every document was published and acknowledged, and the unchanged reconcile published none.
 
     .venv/bin/python bench/bench_fanout.py [--devices 10000]
         [--rounds 1] [--json]
@@ -95,6 +97,8 @@ class Round:
     published: int
     unacknowledged: int
     payload_bytes: int
+    unchanged_s: float
+    unchanged_published: int
 
     @property
     def fraction(self) -> float:
@@ -178,6 +182,9 @@ def run(devices: int, rounds: int, workdir: Path) -> list[Round]:
                         for record in store.latest_desired_all().values()
                     ]
                     bare_s = bare_publish(config, payloads)
+                    started = time.perf_counter()
+                    unchanged = service.reconcile()
+                    unchanged_s = time.perf_counter() - started
                     results.append(
                         Round(
                             devices=devices,
@@ -186,6 +193,8 @@ def run(devices: int, rounds: int, workdir: Path) -> list[Round]:
                             published=report.published,
                             unacknowledged=report.unacknowledged,
                             payload_bytes=int(statistics.mean(len(p) for _, p in payloads)),
+                            unchanged_s=unchanged_s,
+                            unchanged_published=unchanged.published + unchanged.resigned,
                         )
                     )
             finally:
@@ -201,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         results = run(args.devices, args.rounds, Path(tmp))
-    complete = all(r.published == args.devices and r.unacknowledged == 0 for r in results)
+    complete = all(
+        r.published == args.devices and r.unacknowledged == 0 and r.unchanged_published == 0
+        for r in results
+    )
     summary = {
         "devices": args.devices,
         "rounds": [r.as_dict() for r in results],
@@ -218,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({r.controller_s / r.devices * 1000:.2f} ms/device: resolve, sign, record, "
                 f"publish, ack) | bare publish loop {r.bare_s:.2f} s | fraction "
                 f"{r.fraction:.2f} | {r.published} published, {r.unacknowledged} "
-                f"unacknowledged, {r.payload_bytes} bytes per document"
+                f"unacknowledged, {r.payload_bytes} bytes per document | a reconcile with "
+                f"nothing changed {r.unchanged_s:.2f} s ({r.unchanged_published} published)"
             )
         print(f"fraction (median) {summary['fraction_median']:.2f}; complete: {complete}")
     return 0 if complete else 1
