@@ -397,6 +397,7 @@ class Agent:
                 self.outbox.dropped,
                 self.link.counters.publish_refused,
                 self.dropped_messages,
+                oversized=self.link.counters.oversized,
             ),
         )
 

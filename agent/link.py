@@ -10,7 +10,9 @@ reconnect: the outbox alone decides what is sent again, in order. An MQTT 5 brok
 answer a row with a failure: one a retry cannot change (not authorized, topic or payload
 invalid, packet too large) drops the row, counted in ``publish_refused``; any other (quota
 exceeded, unspecified) keeps it in the outbox, sent again after ``publish_retry_after``.
-Only the link thread
+An incoming packet whose header announces more than ``max_packet_bytes`` ends the
+connection before its body is read (paho alone would read it all into memory first),
+counted in ``oversized``. Only the link thread
 writes to the socket; ``publish`` from other threads queues the packet and wakes the loop
 (a TLS socket must not be written from two threads at once).
 """
@@ -92,6 +94,30 @@ class OutboxLike(Protocol):
     def ack(self, ids: Sequence[int]) -> None: ...
 
 
+class _BoundedClient(mqtt.Client):
+    """A paho client that refuses to read an incoming packet larger than ``max_bytes``.
+
+    paho reads a packet's whole body into memory before handing it over, whatever size its
+    header announces, and MQTT 5's Maximum Packet Size only asks the broker to honour it.
+    Once the header is in, a packet above the limit fails the next read instead, which
+    paho treats as a lost connection.
+    """
+
+    def __init__(self, *args: Any, max_bytes: int, on_oversized: Callable[[int], None], **kw: Any):
+        super().__init__(*args, **kw)
+        self._max_bytes = max_bytes
+        self._on_oversized = on_oversized
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if packet["have_remaining"]:
+            size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+            if size > self._max_bytes:
+                self._on_oversized(size)
+                raise OSError(f"incoming packet of {size} bytes, above the {self._max_bytes}")
+        return super()._sock_recv(bufsize)
+
+
 def backoff_delay(attempt: int, *, base: float, cap: float, rand: Callable[[], float]) -> float:
     """Capped exponential backoff with jitter: a delay in [d/2, d], d = min(cap, base*2^n)."""
     ceiling: float = min(cap, base * 2.0 ** min(attempt, 30))
@@ -110,6 +136,8 @@ class LinkCounters:
     """Outbox rows the broker refused for good (dropped)."""
     publish_retries: int = 0
     """Outbox rows the broker failed for now (kept and sent again)."""
+    oversized: int = 0
+    """Incoming packets above ``max_packet_bytes``: each ended its connection unread."""
 
 
 @dataclass
@@ -235,11 +263,18 @@ class MqttLink:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         v5 = self.protocol == "5"
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
+        options: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": s.client_id,
+            "protocol": MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            "clean_session": None if v5 else True,
+        }
+        client = (
+            mqtt.Client(**options)
+            if s.max_packet_bytes is None
+            else _BoundedClient(
+                **options, max_bytes=s.max_packet_bytes, on_oversized=self._count_oversized
+            )
         )
         if s.tls:
             client.tls_set(
@@ -260,6 +295,14 @@ class MqttLink:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         return client
+
+    def _count_oversized(self, size: int) -> None:
+        self.counters.oversized += 1
+        log.warning(
+            "broker sent a packet of %d bytes, above the %d announced: connection dropped",
+            size,
+            self.settings.max_packet_bytes,
+        )
 
     def _handle_connect(
         self,

@@ -114,13 +114,20 @@ def link_stats(
     dropped: int,
     refused: int,
     incoming_dropped: Mapping[str, int],
+    *,
+    oversized: int = 0,
 ) -> LinkStats:
+    """The link's figures; ``oversized`` packets (above the announced maximum, each ended
+    its connection unread) count as ``too_large`` among the incoming drops."""
+    incoming = dict(incoming_dropped)
+    if oversized:
+        incoming["too_large"] = oversized
     return LinkStats(
         reconnects=reconnects,
         outbox_depth=outbox_depth,
         dropped=dropped,
         refused=refused,
-        incoming_dropped=dict(incoming_dropped),
+        incoming_dropped=incoming,
     )
 
 

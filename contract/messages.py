@@ -275,8 +275,8 @@ class LinkStats(Part):
     incoming_dropped: dict[str, NonNegativeInt] = Field(
         default_factory=dict,
         description="Messages from the broker the agent dropped since it started, by reason "
-        "(cmd_decode, desired_bad_signature, inbox_full, ...); refused desired documents "
-        "are also reported as desired.refused events, commands only here.",
+        "(cmd_decode, desired_bad_signature, inbox_full, too_large, ...); refused desired "
+        "documents are also reported as desired.refused events, commands only here.",
     )
 
 

@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from agent.link import BrokerSettings, Incoming, MqttLink, Publication, backoff_delay
 from agent.outbox import Outbox
 from agent.state import AgentState
+from agent.telemetry import link_stats
 from hub.broker import MosquittoBroker, free_port
 
 PROTOCOLS = ["5", "3.1.1"]
@@ -645,18 +646,22 @@ def test_rows_cut_off_in_flight_are_sent_again_once_and_in_order(
 
 class FakeBroker:
     """Just enough of a broker for what mosquitto cannot be made to do: refuse MQTT 5 the
-    3.1.1 way (``levels={4}``), or answer an MQTT 5 PUBLISH with a chosen PUBACK reason
-    (``puback(topic, payload)``). Records the level of every CONNECT and every PUBLISH."""
+    3.1.1 way (``levels={4}``), answer an MQTT 5 PUBLISH with a chosen PUBACK reason
+    (``puback(topic, payload)``), or send raw bytes once a connection has subscribed
+    (``pushes``: the first to the first connection, and so on). Records the level of every
+    CONNECT and every PUBLISH."""
 
     def __init__(
         self,
         levels: frozenset[int] = frozenset({4}),
         puback: Callable[[str, bytes], int] = lambda topic, payload: 0,
+        pushes: Sequence[bytes] = (),
     ) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.accepted_levels = levels
         self.puback = puback
+        self.pushes = list(pushes)
         self.levels: list[int] = []
         self.published: list[tuple[str, bytes]] = []
         self._threads: list[threading.Thread] = []
@@ -745,10 +750,55 @@ class FakeBroker:
                 conn.sendall(b"\x40\x04" + mid + bytes([reason, 0]) if v5 else b"\x40\x02" + mid)
         elif kind >> 4 == 8 and v5:  # SUBSCRIBE (one topic each): granted QoS 1
             conn.sendall(b"\x90\x04" + body[:2] + b"\x00\x01")
+            if self.pushes:
+                conn.sendall(self.pushes.pop(0))
         elif kind >> 4 == 12:  # PINGREQ
             conn.sendall(b"\xd0\x00")
         elif kind >> 4 == 14:  # DISCONNECT
             raise OSError("disconnected")
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def publish_v5(topic: str, payload: bytes, *, announced: int | None = None) -> bytes:
+    """An MQTT 5 QoS 0 PUBLISH; ``announced``: the body length its header claims."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + b"\x00" + payload
+    return b"\x30" + varint(len(body) if announced is None else announced) + body
+
+
+def test_a_packet_above_the_announced_maximum_ends_the_connection_unread(
+    state: AgentState,
+) -> None:
+    """A hostile broker ignores the Maximum Packet Size: the link reads the header, drops
+    the connection instead of reading 64 MiB, counts it and connects again."""
+    hostile = publish_v5("t/dev-1/in", b"x" * 100, announced=64 << 20)
+    broker = FakeBroker(levels=frozenset({5}), pushes=[hostile, publish_v5("t/dev-1/in", b"after")])
+    try:
+        device = Device(
+            "127.0.0.1",
+            broker.port,
+            state,
+            max_packet_bytes=1000,
+            backoff_base=0.05,
+            rand=lambda: 1.0,
+        )
+        with running(device):
+            wait_until(lambda: device.messages, "the message on the next connection")
+            assert [m.payload for m in device.messages] == [b"after"]
+            assert device.link.counters.oversized == 1
+            assert device.link.counters.connects == 2
+        # the telemetry's link figures report it among the incoming drops
+        reported = link_stats(0, 0, 0, 0, {"cmd_decode": 2}, oversized=1)
+        assert reported.incoming_dropped == {"cmd_decode": 2, "too_large": 1}
+    finally:
+        broker.close()
 
 
 def test_an_mqtt5_link_falls_back_to_311_on_a_broker_that_refuses_5(state: AgentState) -> None:
