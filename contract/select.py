@@ -117,12 +117,21 @@ def memory_budget(profile: FirmwareProfile, facts: HardwareFacts) -> tuple[int, 
     )
 
 
+def provider_order(variant: Variant, profile: FirmwareProfile, facts: HardwareFacts) -> list[str]:
+    """The profile's providers that the variant supports and the device has, preferred
+    first: where a session cannot start on one (TensorRT without its libraries, say), the
+    next is tried."""
+    return [
+        provider
+        for provider in profile.providers
+        if provider in variant.requires.providers and provider in facts.providers
+    ]
+
+
 def provider_for(variant: Variant, profile: FirmwareProfile, facts: HardwareFacts) -> str | None:
     """The profile's most preferred provider that the variant supports and the device has."""
-    for provider in profile.providers:
-        if provider in variant.requires.providers and provider in facts.providers:
-            return provider
-    return None
+    order = provider_order(variant, profile, facts)
+    return order[0] if order else None
 
 
 def runs_on(variant: Variant, architecture: str) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.apply import providers_of
 from contract.manifests import ModelSpec, Variant
 from contract.profile import FirmwareProfile, HardwareFacts, Precision
 from contract.select import (
@@ -19,6 +20,7 @@ from contract.select import (
     Skip,
     canonical_architecture,
     memory_budget,
+    provider_order,
     select,
 )
 from contract.yaml_source import load_model_set, load_profile
@@ -191,6 +193,20 @@ def test_provider_follows_the_profile_order() -> None:
     entry = plan.entry("det")
     assert isinstance(entry, Choice)
     assert entry.provider == CUDA
+
+
+def test_a_session_falls_back_along_the_profile_order() -> None:
+    v = variant("v", "fp16", 10, providers=[CUDA, TRT, CPU])
+    spec = model("det", 1, v)
+    nvidia = profile(providers=[TRT, CUDA, CPU])
+    device = facts(providers=[CPU, CUDA, TRT])
+    assert provider_order(v, nvidia, device) == [TRT, CUDA, CPU]
+    assert provider_order(v, nvidia, facts(providers=[CPU])) == [CPU]
+    (choice,) = select([spec], nvidia, device).chosen
+    assert providers_of(choice, spec, nvidia, device) == [TRT, CUDA, CPU]
+    # a choice on a lower provider falls back only to the ones after it
+    lower = choice.model_copy(update={"provider": CUDA})
+    assert providers_of(lower, spec, nvidia, device) == [CUDA, CPU]
 
 
 def test_higher_priority_is_kept_over_lower() -> None:
