@@ -29,7 +29,7 @@ from contract.errors import EdgefleetError
 from contract.manifests import ModelSpec, RuntimePolicy
 from contract.messages import DesiredState, LastError, ModelReport, Phase
 from contract.profile import FirmwareProfile, HardwareFacts
-from contract.select import Choice, Plan, Skip, provider_order, select
+from contract.select import Choice, Plan, Skip, select
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,12 @@ LOAD_WORKERS = 3
 """Models fetched and loaded at once during an apply."""
 
 
-def providers_of(
-    choice: Choice, spec: ModelSpec, profile: FirmwareProfile, facts: HardwareFacts
-) -> list[str]:
+def providers_of(choice: Choice, spec: ModelSpec, profile: FirmwareProfile) -> list[str]:
     """The providers a chosen variant's session is created with: the chosen one first, then
-    the profile's next ones that the variant supports and the device has."""
+    the profile's next ones that the variant supports (``load_model`` leaves out those this
+    ONNX Runtime lacks)."""
     variant = next(v for v in spec.variants if v.name == choice.variant)
-    order = provider_order(variant, profile, facts)
+    order = [p for p in profile.providers if p in variant.requires.providers]
     if choice.provider not in order:
         return [choice.provider]
     return order[order.index(choice.provider) :]
@@ -288,7 +287,6 @@ class Applier:
         specs = {spec.name: spec for spec in desired.models}
         priorities = {c.model: specs[c.model].priority for c in plan.chosen}
         threads = thread_budget(self._profile.budgets.threads, priorities)
-        facts = self._facts_for_planning()
 
         def prepare(choice: Choice) -> Slot:
             spec = specs[choice.model]
@@ -296,7 +294,7 @@ class Applier:
             model = load_model(
                 model_path,
                 spec,
-                providers=providers_of(choice, spec, self._profile, facts),
+                providers=providers_of(choice, spec, self._profile),
                 intra_op_threads=threads[choice.model],
                 golden_path=golden_path,
                 variant=choice.variant,

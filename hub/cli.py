@@ -100,7 +100,8 @@ def _load_local_config(args: argparse.Namespace) -> HubConfig:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from hub.init import DEFAULT_API_BIND, DEFAULT_ARTIFACTS_BIND, DEFAULT_BROKER_URL, init_hub
+    from hub.config import DEFAULT_ARTIFACTS_BIND
+    from hub.init import DEFAULT_API_BIND, DEFAULT_BROKER_URL, init_hub
 
     result = init_hub(
         args.dir,

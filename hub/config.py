@@ -158,6 +158,10 @@ class DesiredSection(_Section):
         return self
 
 
+DEFAULT_ARTIFACTS_BIND = "127.0.0.1:8601"
+"""Where the hub's artifact server listens unless ``[artifacts] bind`` says otherwise."""
+
+
 class ArtifactsSection(_Section):
     """``[artifacts]``: the content-addressed store and external places that serve it."""
 
@@ -166,7 +170,7 @@ class ArtifactsSection(_Section):
     serve: bool = Field(
         default=True, description="Run the hub's own artifact server (``edgefleet-hub serve``)."
     )
-    bind: str = "127.0.0.1:8601"
+    bind: str = DEFAULT_ARTIFACTS_BIND
     url: str | None = Field(
         default=None,
         description="How devices reach the hub's artifact server; default http://<bind>/artifacts.",
@@ -424,7 +428,7 @@ def render_config(
     hub_id: str,
     broker_url: str,
     api_bind: str,
-    artifacts_bind: str = "127.0.0.1:8601",
+    artifacts_bind: str = DEFAULT_ARTIFACTS_BIND,
     artifact_base_urls: list[str] | None = None,
 ) -> str:
     """The hub.toml that ``init`` writes: every section with its defaults spelt out."""

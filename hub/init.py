@@ -19,14 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.topics import device_id_problem
-from hub.config import CONFIG_NAME, HubConfig, parse_config, render_config
+from hub.config import (
+    CONFIG_NAME,
+    DEFAULT_ARTIFACTS_BIND,
+    HubConfig,
+    parse_config,
+    render_config,
+)
 from hub.errors import InitError
 from hub.keys import KeyInfo, Keyring, write_atomic
 from hub.store import Store
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_API_BIND = "127.0.0.1:8600"
-DEFAULT_ARTIFACTS_BIND = "127.0.0.1:8601"
 
 
 @dataclass(frozen=True)

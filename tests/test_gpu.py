@@ -70,7 +70,7 @@ def on_gpu(ocr_models: dict[str, Path]) -> dict[str, LoadedModel]:
         loaded[choice.model] = load_model(
             ocr_models[choice.model],
             spec,
-            providers=providers_of(choice, spec, profile, facts),
+            providers=providers_of(choice, spec, profile),
             intra_op_threads=2,
         )
     return loaded

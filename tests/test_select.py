@@ -203,10 +203,10 @@ def test_a_session_falls_back_along_the_profile_order() -> None:
     assert provider_order(v, nvidia, device) == [TRT, CUDA, CPU]
     assert provider_order(v, nvidia, facts(providers=[CPU])) == [CPU]
     (choice,) = select([spec], nvidia, device).chosen
-    assert providers_of(choice, spec, nvidia, device) == [TRT, CUDA, CPU]
+    assert providers_of(choice, spec, nvidia) == [TRT, CUDA, CPU]
     # a choice on a lower provider falls back only to the ones after it
     lower = choice.model_copy(update={"provider": CUDA})
-    assert providers_of(lower, spec, nvidia, device) == [CUDA, CPU]
+    assert providers_of(lower, spec, nvidia) == [CUDA, CPU]
 
 
 def test_higher_priority_is_kept_over_lower() -> None:
