@@ -259,7 +259,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from agent.config import load_config
     from agent.daemon import Agent, make_api
+    from agent.memory import cap_malloc_arenas
 
+    cap_malloc_arenas(os.environ)
     config = load_config(args.config, os.environ)
     logging.basicConfig(
         level=config.log_level.upper(),
