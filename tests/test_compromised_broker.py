@@ -44,6 +44,7 @@ from contract.messages import (
 from contract.signing import SigningKey
 from contract.topics import Kind, down_topic
 from hub.broker import MosquittoBroker
+from support.fake_broker import FakeBroker, publish_v5
 from support.fleet import Tap, agent_toml, desired_state, mqtt_tap, sha256_of, signed, spec_for
 from support.http_server import ArtifactServer, Fault
 
@@ -381,6 +382,39 @@ def test_huge_payload_is_refused_before_parsing(rig: Rig, monkeypatch: pytest.Mo
     event = rig.refused(payload, "malformed", None)
     assert "exceeds the limit" in event.message, event.message
     assert all(n <= DESIRED_MAX_BYTES for n in parsed), parsed
+
+
+def test_a_packet_above_the_announced_maximum_is_reported_in_the_telemetry(
+    tmp_path: Path,
+) -> None:
+    """A broker that ignores the agent's Maximum Packet Size: the daemon ends the connection
+    unread, connects again, and its next telemetry says so upstream."""
+    hostile = publish_v5(DESIRED, b"x" * 100, announced=64 << 20)
+    fake = FakeBroker(levels=frozenset({5}), pushes=[hostile])
+    key = SigningKey.generate()
+    config_path = tmp_path / "agent.toml"
+    config_path.write_text(
+        agent_toml(device_id=DEVICE, broker=fake, state_dir=tmp_path / "state", key=key)
+    )
+    agent = Agent(load_config(config_path, {}), environ={})
+    agent.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while agent.link.counters.connects < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.link.counters.oversized == 1
+        assert agent.link.counters.connects >= 2
+        agent.publish_telemetry()
+        while time.monotonic() < deadline:
+            sent = [json.loads(p) for t, p in fake.published if t.endswith("/up/telemetry")]
+            if sent:
+                break
+            time.sleep(0.05)
+        assert sent, "no telemetry reached the broker"
+        assert sent[-1]["link"]["incoming_dropped"] == {"too_large": 1}
+    finally:
+        agent.stop()
+        fake.close()
 
 
 def test_another_devices_document_is_refused(rig: Rig) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -111,10 +111,20 @@ def signed(state: DesiredState, *keys: SigningKey) -> bytes:
     return encode(Desired.sign(state, *keys))
 
 
+class BrokerAddress(Protocol):
+    """Where a broker listens: a MosquittoBroker, or a test's raw-socket one."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 def agent_toml(
     *,
     device_id: str,
-    broker: MosquittoBroker,
+    broker: BrokerAddress,
     state_dir: Path,
     key: SigningKey,
     profile: str = "generic",
