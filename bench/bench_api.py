@@ -15,7 +15,9 @@ Every figure is paired with a baseline measured in the same run on the same mach
 
 Run: ``python bench/bench_api.py [--latency-requests 2000] [--throughput-requests 6]
 [--rounds 6]``.
-The server runs in a child process (``--serve``), as the agent does.
+The server runs in a child process (``--serve``), as the agent does, with glibc's malloc
+arenas capped as the agent caps them; ``MALLOC_ARENA_MAX=16`` in the environment measures
+it with glibc's default instead (eight per core here).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from agent.api import InferenceServer  # noqa: E402
 from agent.host import LoadedModel, ModelHost  # noqa: E402
+from agent.memory import cap_malloc_arenas  # noqa: E402
 from support.inference import binary_request, load, slot  # noqa: E402
 
 CLS_SHAPE = (1, 3, 48, 192)
@@ -71,7 +74,9 @@ def load_models() -> dict[str, LoadedModel]:
 
 
 def serve() -> None:
-    """Host cls (one at a time) and det (two at a time) until stdin closes."""
+    """Host cls (one at a time) and det (two at a time) until stdin closes; glibc's
+    arenas capped as ``edgefleet-agent run`` caps them (unless MALLOC_ARENA_MAX is set)."""
+    cap_malloc_arenas(os.environ)
     models = load_models()
     host = ModelHost(
         {
