@@ -29,7 +29,7 @@ from contract.errors import EdgefleetError
 from contract.manifests import ModelSpec, RuntimePolicy
 from contract.messages import DesiredState, LastError, ModelReport, Phase
 from contract.profile import FirmwareProfile, HardwareFacts
-from contract.select import Choice, Plan, Skip, select
+from contract.select import Choice, Plan, Skip, select, supported_providers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def providers_of(choice: Choice, spec: ModelSpec, profile: FirmwareProfile) -> l
     the profile's next ones that the variant supports (``load_model`` leaves out those this
     ONNX Runtime lacks)."""
     variant = next(v for v in spec.variants if v.name == choice.variant)
-    order = [p for p in profile.providers if p in variant.requires.providers]
+    order = supported_providers(variant, profile)
     if choice.provider not in order:
         return [choice.provider]
     return order[order.index(choice.provider) :]

@@ -117,15 +117,16 @@ def memory_budget(profile: FirmwareProfile, facts: HardwareFacts) -> tuple[int, 
     )
 
 
+def supported_providers(variant: Variant, profile: FirmwareProfile) -> list[str]:
+    """The profile's providers that the variant supports, preferred first."""
+    return [provider for provider in profile.providers if provider in variant.requires.providers]
+
+
 def provider_order(variant: Variant, profile: FirmwareProfile, facts: HardwareFacts) -> list[str]:
     """The profile's providers that the variant supports and the device has, preferred
     first: where a session cannot start on one (TensorRT without its libraries, say), the
     next is tried."""
-    return [
-        provider
-        for provider in profile.providers
-        if provider in variant.requires.providers and provider in facts.providers
-    ]
+    return [p for p in supported_providers(variant, profile) if p in facts.providers]
 
 
 def provider_for(variant: Variant, profile: FirmwareProfile, facts: HardwareFacts) -> str | None:

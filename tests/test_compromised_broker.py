@@ -405,11 +405,10 @@ def test_a_packet_above_the_announced_maximum_is_reported_in_the_telemetry(
         assert agent.link.counters.oversized == 1
         assert agent.link.counters.connects >= 2
         agent.publish_telemetry()
-        while time.monotonic() < deadline:
-            sent = [json.loads(p) for t, p in fake.published if t.endswith("/up/telemetry")]
-            if sent:
-                break
+        sent: list[dict[str, Any]] = []
+        while not sent and time.monotonic() < deadline:
             time.sleep(0.05)
+            sent = [json.loads(p) for t, p in fake.published if t.endswith("/up/telemetry")]
         assert sent, "no telemetry reached the broker"
         assert sent[-1]["link"]["incoming_dropped"] == {"too_large": 1}
     finally:

@@ -7,8 +7,13 @@ import platform
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
+
+import agent.memory
+from agent.cli import main
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
@@ -80,3 +85,17 @@ def test_an_operators_malloc_arena_max_is_left_as_set() -> None:
     capped, heaps = _probe("cap", MALLOC_ARENA_MAX="4")
     assert capped == "False"
     assert 2 < heaps <= 4
+
+
+def test_the_run_command_caps_the_arenas_before_it_reads_its_configuration(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[Mapping[str, str]] = []
+
+    def cap(environ: Mapping[str, str]) -> bool:
+        seen.append(environ)
+        return True
+
+    monkeypatch.setattr(agent.memory, "cap_malloc_arenas", cap)
+    assert main(["run", "--config", str(tmp_path / "absent.toml")]) != 0
+    assert seen == [os.environ]
