@@ -711,9 +711,16 @@ def test_rows_the_broker_refuses_for_good_are_dropped_and_counted(
         outbox.put("t/dev-1/telemetry", b'{"n": 2}', qos=1)
         device = Device(broker.host, broker.port, state, outbox=outbox)
         with listening(broker, "t/#") as listener, running(device):
+
+            def allowed_rows() -> list[int]:
+                arrived = [m.json()["n"] for m in listener.on("t/dev-1/telemetry")]
+                return list(dict.fromkeys(arrived))
+
             wait_until(lambda: outbox.depth == 0, "the outbox drained")
-            listener.wait(lambda: len(listener.on("t/dev-1/telemetry")) == 2, "both allowed rows")
-        assert [m.json()["n"] for m in listener.on("t/dev-1/telemetry")] == [0, 2]
+            listener.wait(lambda: allowed_rows() == [0, 2], "both allowed rows")
+        # QoS 1 is at least once: when mosquitto closes the connection after the refusal,
+        # the reset can swallow the PUBACK of a row it took, and that row goes again.
+        assert allowed_rows() == [0, 2]
         assert listener.on("t/dev-1/forbidden") == []
         assert device.link.counters.publish_refused == 1
         assert device.link.counters.publish_retries == 0
