@@ -60,7 +60,7 @@ def test_success_gate_fails_once_the_threshold_cannot_be_reached() -> None:
     assert success_gate(Counts(total=10, healthy=8, failed=1), 90).status == "pending"
     result = success_gate(Counts(total=10, healthy=8, failed=2), 90)
     assert result.status == "failed"
-    assert "2 failed" in result.reason
+    assert result.reason == "8/10 healthy, 2 failed: at most 8 can be healthy (needs 9)"
     assert success_gate(Counts(total=4, healthy=0, failed=1), 100).status == "failed"
 
 

@@ -92,7 +92,9 @@ def success_gate(
         status, why = "pending", f"{shown}, {working} still working (needs {needed})"
     else:
         what = "no reachable device" if base == 0 else f"{failed} failed"
-        status, why = "failed", f"{shown}, {what}: {needed} healthy can no longer be reached"
+        possible = counts.healthy + working
+        why = f"{shown}, {what}: at most {possible} can be healthy (needs {needed})"
+        status = "failed"
     return GateResult(name=SUCCESS, status=status, value=value, threshold=threshold, reason=why)
 
 
