@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -49,28 +50,11 @@ class FakeBroker:
             thread.start()
 
     @staticmethod
-    def _varint(data: bytes, at: int) -> tuple[int, int]:
-        value, shift = 0, 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value, at
-
-    @staticmethod
     def _packet(conn: socket.socket) -> tuple[int, bytes] | None:
         head = conn.recv(1)
         if not head:
             return None
-        length, shift = 0, 0
-        while True:
-            byte = conn.recv(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
+        length = read_varint(lambda: conn.recv(1)[0])
         body = b""
         while len(body) < length:
             chunk = conn.recv(length - len(body))
@@ -105,8 +89,10 @@ class FakeBroker:
             qos = (kind >> 1) & 3
             at = topic_end + (2 if qos else 0)
             if v5:
-                length, at = self._varint(body, at)
-                at += length
+                stream = io.BytesIO(body)
+                stream.seek(at)
+                length = read_varint(lambda: stream.read(1)[0])
+                at = stream.tell() + length
             self.published.append((topic, body[at:]))
             if qos == 1:
                 mid = body[topic_end : topic_end + 2]
@@ -120,6 +106,17 @@ class FakeBroker:
             conn.sendall(b"\xd0\x00")
         elif kind >> 4 == 14:  # DISCONNECT
             raise OSError("disconnected")
+
+
+def read_varint(next_byte: Callable[[], int]) -> int:
+    """An MQTT variable byte integer, read a byte at a time."""
+    value, shift = 0, 0
+    while True:
+        byte = next_byte()
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value
 
 
 def varint(value: int) -> bytes:
