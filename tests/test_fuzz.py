@@ -34,6 +34,7 @@ import math
 import struct
 import time
 import tracemalloc
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -216,14 +217,19 @@ class Tally:
 
 
 def fuzz(target: Target, *, examples: int, seed: int | None = None) -> Tally:
-    """Run ``target`` on ``examples`` generated examples; every one ends up in the tally."""
+    """Run ``target`` on ``examples`` generated examples; every one ends up in the tally.
+
+    A RuntimeWarning (numpy's overflow in a cast, say) is an error here: a parser that
+    warns has let a value through that it should have refused.
+    """
     tally = Tally(target.name)
     started = time.perf_counter()
     tracing = target.size is not None and not tracemalloc.is_tracing()
     if tracing:
         tracemalloc.start()
     try:
-        with target.runner() as run:
+        with warnings.catch_warnings(), target.runner() as run:
+            warnings.simplefilter("error", RuntimeWarning)
 
             def record(example: Any) -> None:
                 tally.examples += 1

@@ -286,7 +286,15 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
                 f"{what}: values from {low} to {high} do not fit {datatype} "
                 f"({info.min} to {info.max})"
             )
-    return raw.astype(dtype, copy=False).reshape(shape)
+    try:
+        with np.errstate(over="raise"):
+            return raw.astype(dtype, copy=False).reshape(shape)
+    except FloatingPointError:
+        largest = np.finfo(dtype).max
+        raise ProtocolError(
+            f"{what}: values up to {np.abs(raw).max():g} do not fit {datatype} "
+            f"(largest {largest:g})"
+        ) from None
 
 
 def _exact_integers(
