@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tracemalloc
 from typing import Any
@@ -105,6 +106,8 @@ def test_json_data_of_every_datatype(datatype: str, data: list[Any]) -> None:
         ("INT8", [-129, 0], "do not fit INT8"),
         ("FP16", [0.5, -70000.0], "values up to 70000 do not fit FP16 (largest 65504)"),
         ("FP16", [100000, 1], "values up to 100000 do not fit FP16"),
+        ("FP16", [math.nan, 70000.0], "values up to 70000 do not fit FP16"),
+        ("FP16", [-math.inf, 70000.0], "values up to 70000 do not fit FP16"),
         ("FP32", [1e300, 1.0], "values up to 1e+300 do not fit FP32 (largest 3.40282e+38)"),
         ("FP32", ["1", "2"], "FP32 data must be numbers"),
         ("FP32", [True, False], "FP32 data must be numbers"),

@@ -290,10 +290,11 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> 
         with np.errstate(over="raise"):
             return raw.astype(dtype, copy=False).reshape(shape)
     except FloatingPointError:
-        largest = np.finfo(dtype).max
+        # Infinities and NaN cast without overflow; the culprit is the largest finite value.
+        culprit = np.abs(raw[np.isfinite(raw)]).max()
         raise ProtocolError(
-            f"{what}: values up to {np.abs(raw).max():g} do not fit {datatype} "
-            f"(largest {largest:g})"
+            f"{what}: values up to {culprit:g} do not fit {datatype} "
+            f"(largest {np.finfo(dtype).max:g})"
         ) from None
 
 
